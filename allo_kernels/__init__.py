@@ -1,0 +1,10 @@
+"""allo_kernels: fused kernels, losses and a sparse optimizer for low-redundant LLM alignment.
+
+Public API (see DESIGN.md / README.md): ``token_logprobs``.
+"""
+
+from .ops.token_logprobs import token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["token_logprobs", "__version__"]

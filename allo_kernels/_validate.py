@@ -1,0 +1,101 @@
+"""Argument checks shared by the ops, losses and optimizer.
+
+Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong value) with a message that
+names the argument and says what was received, so a user can fix the call without reading our source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
+    return f"{type(t).__name__} {t!r}"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Iterable[torch.dtype] | None = None,
+    ndim: int | Iterable[int] | None = None,
+    min_ndim: int | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(t)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {describe(t)}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dimensions, got {describe(t)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got {describe(t)}")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; put them on one device")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], *, like: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of {like} {tuple(shape)}, got {describe(t)}")
+
+
+def check_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {describe(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {describe(value)}")
+    return value
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if ``t`` holds NaN or inf (one reduction, one host sync)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).sum().item()
+        raise ValueError(f"{name} must be finite, got {bad} NaN/inf value(s) in {describe(t)}")
+
+
+def check_labels(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Labels must be in [0, vocab_size) or equal to ignore_index (one reduction, one host sync)."""
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        value = labels[tuple(idx)].item()
+        raise ValueError(
+            f"{name} must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"got {value} at index {tuple(idx)} ({int(bad.sum())} invalid label(s))"
+        )

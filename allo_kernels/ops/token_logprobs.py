@@ -1,0 +1,328 @@
+"""token_logprobs: per-token log-probabilities ``log_softmax(logits / T)[label]`` in one pass over the logits.
+
+Math (per row n, vocabulary v, temperature T, upstream gradient g_n = dL/dlogp_n):
+
+    x_v    = logits_v / T
+    lse    = log sum_v exp(x_v)                       (online over vocab blocks, fp32)
+    logp   = x_label - lse
+    dlogp / dlogits_v = (1/T) * (1[v == label] - softmax(x)_v),   softmax(x)_v = exp(x_v - lse)
+    grad_logits_v     = g_n / T * (1[v == label] - exp(x_v - lse))
+
+Forward: one program per row reads the row once, keeps a running max ``m`` and a running sum ``s`` of
+``exp(x - m)`` (rescaled whenever ``m`` grows), gathers the label's logit in the same pass and stores only the
+per-row ``lse`` (4 bytes per token) for the backward.
+Backward: one program per row reads the row once and writes the gradient once (optionally into the logits
+buffer itself, so no second [N, V] buffer exists). Rows whose label is ``ignore_index`` or whose upstream gradient is
+exactly zero (masked tokens) skip the read and only write zeros; in the forward they skip the vocabulary entirely.
+
+Rows may be strided (``logits[:, :-1]`` of a [B, T, V] tensor): the kernels address row ``r`` as
+``(r // n_inner) * stride_outer + (r % n_inner) * stride_inner``, so no copy is made as long as the leading
+dimensions fold into at most two strided groups and the vocabulary dimension is contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._backend import select_backend, triton_available
+from .._validate import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    check_labels,
+    check_positive,
+    check_same_device,
+    check_tensor,
+    describe,
+)
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover
+    triton = None
+    tl = None
+
+# Largest vocabulary block one program loads at a time. Tests shrink it (monkeypatch) to exercise the multi-block loop
+# and the masked tail on small vocabularies under the interpreter.
+MAX_BLOCK_V = 4096
+
+
+def _launch_config(vocab_size: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab_size, 1)))
+    num_warps = 8 if block >= 2048 else (4 if block >= 512 else 2)
+    return block, num_warps
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _token_logprobs_fwd_kernel(
+        logits_ptr,
+        labels_ptr,
+        logp_ptr,
+        lse_ptr,
+        n_inner,
+        stride_outer,
+        stride_inner,
+        V,
+        inv_temp,
+        ignore_index,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ignored = label == ignore_index
+        row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+        # Ignored rows run zero iterations: no vocabulary work at all.
+        v_end = tl.where(ignored, 0, V)
+        offs = tl.arange(0, BLOCK_V)
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, v_end, BLOCK_V):
+            cols = start + offs
+            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(tl.where(ignored, 1.0, s))
+        safe_label = tl.where(ignored, 0, label)
+        target = tl.load(row_ptr + safe_label, mask=label != ignore_index, other=0.0).to(tl.float32) * inv_temp
+        tl.store(logp_ptr + row, tl.where(ignored, 0.0, target - lse))
+        tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+
+    @triton.jit
+    def _token_logprobs_bwd_kernel(
+        logits_ptr,
+        grad_ptr,
+        labels_ptr,
+        lse_ptr,
+        grad_logp_ptr,
+        n_inner,
+        stride_outer,
+        stride_inner,
+        g_n_inner,
+        g_stride_outer,
+        g_stride_inner,
+        V,
+        inv_temp,
+        ignore_index,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        g = tl.load(grad_logp_ptr + row).to(tl.float32)
+        lse = tl.load(lse_ptr + row)
+        # Ignored rows and rows with a zero upstream gradient (masked tokens) never read the logits.
+        active = (label != ignore_index) & (g != 0.0)
+        v_read = tl.where(active, V, 0)  # reads are predicated off for inactive rows
+        scale = g * inv_temp
+        row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+        grad_row_ptr = grad_ptr + (row // g_n_inner) * g_stride_outer + (row % g_n_inner) * g_stride_inner
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            in_vocab = cols < V
+            x = tl.load(row_ptr + cols, mask=cols < v_read, other=0.0).to(tl.float32) * inv_temp
+            p = tl.exp(x - lse)
+            grad = scale * (tl.where(cols == label, 1.0, 0.0) - p)
+            grad = tl.where(active, grad, 0.0)
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+
+
+# ------------------------------------------------------------------------------------------------------ row layouts
+@dataclass(frozen=True)
+class RowLayout:
+    """How row r of a [..., V] tensor is addressed: (r // n_inner) * stride_outer + (r % n_inner) * stride_inner."""
+
+    n_rows: int
+    n_inner: int
+    stride_outer: int
+    stride_inner: int
+
+
+def row_layout(t: torch.Tensor) -> RowLayout | None:
+    """Fold the leading dimensions of ``t`` into at most two strided groups; None if that is impossible."""
+    shape, strides = t.shape[:-1], t.stride()[:-1]
+    groups: list[list[int]] = []  # [size, stride], outermost first
+    for size, stride in zip(shape, strides):
+        if size == 1:
+            continue
+        if groups and groups[-1][1] == size * stride:
+            groups[-1] = [groups[-1][0] * size, stride]
+        else:
+            groups.append([size, stride])
+    n_rows = 1
+    for size in shape:
+        n_rows *= size
+    if not groups:
+        return RowLayout(n_rows, 1, 0, 0)
+    if len(groups) == 1:
+        return RowLayout(n_rows, groups[0][0], 0, groups[0][1])
+    if len(groups) == 2:
+        return RowLayout(n_rows, groups[1][0], groups[0][1], groups[1][1])
+    return None
+
+
+def as_row_addressable(logits: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
+    """Return ``logits`` (or, only when unavoidable, a contiguous copy) and its row layout."""
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    layout = row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        layout = row_layout(logits)
+        assert layout is not None
+    return logits, layout
+
+
+# --------------------------------------------------------------------------------------------------- launch wrappers
+def logprobs_forward(
+    logits: torch.Tensor, layout: RowLayout, labels: torch.Tensor, *, ignore_index: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward over rows of ``logits``; ``labels`` flat [N]. Returns fp32 (logp [N], lse [N])."""
+    n, vocab = layout.n_rows, logits.shape[-1]
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return logp, lse
+    block, num_warps = _launch_config(vocab)
+    _token_logprobs_fwd_kernel[(n,)](
+        logits, labels, logp, lse,
+        layout.n_inner, layout.stride_outer, layout.stride_inner,
+        vocab, 1.0 / temperature, ignore_index,
+        BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return logp, lse
+
+
+def logprobs_backward(
+    logits: torch.Tensor,
+    layout: RowLayout,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    *,
+    ignore_index: int,
+    temperature: float,
+    inplace: bool,
+) -> torch.Tensor:
+    """Triton backward. Returns grad w.r.t. ``logits`` (written into ``logits`` itself when ``inplace``)."""
+    n, vocab = layout.n_rows, logits.shape[-1]
+    if inplace:
+        grad, g_layout = logits, layout
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        g_layout = row_layout(grad)
+    if n == 0:
+        return grad
+    block, num_warps = _launch_config(vocab)
+    grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
+    _token_logprobs_bwd_kernel[(n,)](
+        logits, grad, labels, lse, grad_logp,
+        layout.n_inner, layout.stride_outer, layout.stride_inner,
+        g_layout.n_inner, g_layout.stride_outer, g_layout.stride_inner,
+        vocab, 1.0 / temperature, ignore_index,
+        BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return grad
+
+
+@dataclass(frozen=True)
+class _Options:
+    layout: RowLayout
+    ignore_index: int
+    temperature: float
+    inplace_backward: bool
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; labels and options carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: _Options) -> torch.Tensor:  # type: ignore[override]
+        logp, lse = logprobs_forward(
+            logits, opts.layout, labels, ignore_index=opts.ignore_index, temperature=opts.temperature
+        )
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.opts = opts
+        return logp.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        opts: _Options = ctx.opts
+        grad = logprobs_backward(
+            logits, opts.layout, labels, lse, grad_logp,
+            ignore_index=opts.ignore_index, temperature=opts.temperature, inplace=opts.inplace_backward,
+        )  # fmt: skip
+        return grad, None, None
+
+
+# ------------------------------------------------------------------------------------------------- torch reference
+def token_logprobs_reference(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, temperature: float = 1.0
+) -> torch.Tensor:
+    """Plain-torch ground truth (and CPU fallback): fp32 log-softmax, gather, zeros at ignored positions."""
+    x = logits.float() / temperature
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    target = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = target - torch.logsumexp(x, dim=-1)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+# ------------------------------------------------------------------------------------------------------- public API
+def validate_logits_labels(
+    logits: object, labels: object, *, ignore_index: object, temperature: object
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    logits = check_tensor("logits", logits, dtypes=FLOAT_DTYPES, min_ndim=1)
+    labels = check_tensor("labels", labels, dtypes=INT_DTYPES)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {describe(ignore_index)}")
+    temperature = check_positive("temperature", temperature)
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of logits without its last (vocabulary) dimension "
+            f"{tuple(logits.shape[:-1])}, got {describe(labels)}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got {describe(logits)}")
+    check_same_device(logits=logits, labels=labels)
+    check_labels("labels", labels, logits.shape[-1], ignore_index)
+    return logits, labels, temperature
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Per-token ``log_softmax(logits / temperature)[label]`` as fp32, exactly 0.0 where ``label == ignore_index``.
+
+    Args:
+        logits: [..., V] fp16/bf16/fp32. Rows may be strided (``logits[:, :-1]``); the vocabulary dimension should
+            be contiguous, otherwise a copy is made.
+        labels: [...] integer ids in [0, V) or ``ignore_index``. No shifting happens here: pass
+            ``logits[:, :-1]`` with ``labels[:, 1:]``.
+        inplace_backward: opt-in for the Triton path: the backward writes the gradient into the logits buffer
+            itself instead of a new [N, V] buffer. Only safe when nothing else needs those logits afterwards
+            (the usual case: logits that exist only to feed this loss). Ignored by the torch reference.
+
+    Returns:
+        fp32 tensor of shape ``labels.shape``, differentiable w.r.t. ``logits``.
+    """
+    logits, labels, temperature = validate_logits_labels(
+        logits, labels, ignore_index=ignore_index, temperature=temperature
+    )
+    if select_backend(logits.device) != "triton":
+        return token_logprobs_reference(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    logits_rows, layout = as_row_addressable(logits)
+    opts = _Options(layout, ignore_index, temperature, bool(inplace_backward) and logits_rows is logits)
+    flat_labels = labels.reshape(-1).contiguous()
+    return TokenLogprobsFunction.apply(logits_rows, flat_labels, opts).view(labels.shape)
