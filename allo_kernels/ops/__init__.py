@@ -1,5 +1,5 @@
-"""One file per op: Triton kernels, launch wrappers, autograd.Function and the torch reference."""
+"""One file per op: Triton kernels, launch wrappers, autograd.Function and the torch reference.
 
-from .token_logprobs import token_logprobs, token_logprobs_reference
-
-__all__ = ["token_logprobs", "token_logprobs_reference"]
+The public functions are re-exported by ``allo_kernels``; this package keeps the module names free
+(``allo_kernels.ops.token_logprobs`` is the module, ``allo_kernels.token_logprobs`` the function).
+"""
