@@ -4,7 +4,8 @@ Public API (see DESIGN.md / README.md): ``token_logprobs``.
 """
 
 from .ops.token_logprobs import token_logprobs
+from .ops.token_scores import TokenScores, token_scores
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "__version__"]
+__all__ = ["token_logprobs", "token_scores", "TokenScores", "__version__"]

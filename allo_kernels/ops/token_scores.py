@@ -1,0 +1,296 @@
+"""token_scores: per-token log-probs, rewards, weights and a top-percentile token mask, with per-sequence sums.
+
+This is what ALLO's two training stages consume:
+
+    logp_t   = log_softmax(logits_t / T)[label_t]                   (the token_logprobs kernel: one read of [B,T,V])
+    reward_t = beta * (logp_t - ref_t)                               (detached)
+    masked_t = t is among the floor(f * n) valid tokens of its scope with the highest (or lowest) reward,
+               ties going to the earlier position; n = #valid tokens in the scope (a sequence, or the whole batch)
+    keep_t   = valid_t and not masked_t
+    seq_logprobs_b     = sum_t keep_t * w_t * logp_t                 (differentiable)
+    seq_ref_logprobs_b = sum_t keep_t * w_t * ref_t
+    n_tokens_b         = sum_t keep_t
+
+Selection and weights are constants for autograd (as in the official ALLO code), so the gradient reaching the
+log-prob kernel is simply dL/dlogp_t = g_b * keep_t * w_t (+ any direct use of ``logprobs``): one backward read of
+the logits, and masked tokens (zero gradient) do not even read their row.
+
+The selection runs in a Triton epilogue kernel without a host sync or a Python loop. Each token's rank within its
+scope is counted directly:
+
+    rank_i = #{ j valid : key_j > key_i  or  (key_j == key_i and j < i) },   key = +reward ("highest") or -reward
+    masked_i = valid_i and rank_i < k_scope
+
+which is exact, deterministic, and handles ties by position; it costs O(L^2) comparisons per scope of length L
+(T per sequence), negligible next to the O(T * V) log-prob pass for realistic T. k = floor(f * n) is computed in
+float64 by torch on the device, identically for the kernel and the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._backend import select_backend, triton_available
+from .._validate import FLOAT_DTYPES, check_choice, check_positive, check_shape, check_tensor, describe
+from .token_logprobs import (
+    TokenLogprobsFunction,
+    _Options,
+    as_row_addressable,
+    token_logprobs_reference,
+    validate_logits_labels,
+)
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover
+    triton = None
+    tl = None
+
+MASK_BY = ("highest", "lowest")
+MASK_SCOPES = ("sequence", "batch")
+
+
+@dataclass
+class TokenScores:
+    """Per-token and per-sequence quantities for token-weighted / token-masked alignment losses.
+
+    Attributes:
+        logprobs: [B, T] fp32 per-token log-probs (differentiable); 0 at ignored positions.
+        rewards: [B, T] fp32 ``beta * (logprobs - ref_logprobs)`` (detached); 0 at ignored positions.
+        keep: [B, T] bool: valid (label != ignore_index) and not masked.
+        masked: [B, T] bool: valid tokens removed by the top-percentile mask.
+        seq_logprobs: [B] ``sum_t keep * w * logp`` (differentiable).
+        seq_ref_logprobs: [B] ``sum_t keep * w * ref``.
+        n_tokens: [B] float ``sum_t keep``.
+        weights: [B, T] fp32 ``keep * w``: the per-token coefficients the sums use.
+    """
+
+    logprobs: torch.Tensor
+    rewards: torch.Tensor
+    keep: torch.Tensor
+    masked: torch.Tensor
+    seq_logprobs: torch.Tensor
+    seq_ref_logprobs: torch.Tensor
+    n_tokens: torch.Tensor
+    weights: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _select_kernel(
+        logp_ptr,
+        ref_ptr,
+        labels_ptr,
+        k_ptr,
+        rewards_ptr,
+        masked_ptr,
+        L,
+        beta,
+        ignore_index,
+        HIGHEST: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+    ):
+        """One program per (scope, block of positions i). Inputs are contiguous [S, L] (S scopes of length L)."""
+        scope = tl.program_id(0).to(tl.int64)
+        base = scope * L
+        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        in_i = i < L
+        valid_i = (tl.load(labels_ptr + base + i, mask=in_i, other=ignore_index) != ignore_index) & in_i
+        logp_i = tl.load(logp_ptr + base + i, mask=in_i, other=0.0)
+        ref_i = tl.load(ref_ptr + base + i, mask=in_i, other=0.0)
+        reward_i = tl.where(valid_i, beta * (logp_i - ref_i), 0.0)
+        tl.store(rewards_ptr + base + i, reward_i, mask=in_i)
+        if HIGHEST:
+            key_i = reward_i
+        else:
+            key_i = -reward_i
+
+        k = tl.load(k_ptr + scope)
+        count = tl.zeros([BLOCK_I], dtype=tl.int32)
+        j_end = tl.where(k > 0, L, 0)  # nothing to rank when nothing is masked
+        for j_start in range(0, j_end, BLOCK_J):
+            j = j_start + tl.arange(0, BLOCK_J)
+            in_j = j < L
+            valid_j = (tl.load(labels_ptr + base + j, mask=in_j, other=ignore_index) != ignore_index) & in_j
+            logp_j = tl.load(logp_ptr + base + j, mask=in_j, other=0.0)
+            ref_j = tl.load(ref_ptr + base + j, mask=in_j, other=0.0)
+            reward_j = beta * (logp_j - ref_j)
+            if HIGHEST:
+                key_j = reward_j
+            else:
+                key_j = -reward_j
+            ahead = (key_j[None, :] > key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
+            ahead = ahead & valid_j[None, :]
+            count += tl.sum(ahead.to(tl.int32), axis=1)
+        masked = valid_i & (count < k)
+        tl.store(masked_ptr + base + i, masked.to(tl.int8), mask=in_i)
+
+
+def _select_triton(
+    logp: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
+    *, beta: float, ignore_index: int, highest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """logp/ref/labels contiguous [S, L], k [S] int64. Returns (rewards fp32 [S, L], masked bool [S, L])."""
+    S, L = logp.shape
+    rewards = torch.empty_like(logp)
+    masked = torch.empty((S, L), dtype=torch.int8, device=logp.device)
+    if S * L == 0:
+        return rewards, masked.bool()
+    block_i = min(64, triton.next_power_of_2(L))
+    block_j = min(128, triton.next_power_of_2(L))
+    _select_kernel[(S, triton.cdiv(L, block_i))](
+        logp, ref, labels, k, rewards, masked, L, beta, ignore_index,
+        HIGHEST=highest, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
+    )  # fmt: skip
+    return rewards, masked.view(torch.bool)
+
+
+def _select_reference(
+    logp: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
+    *, beta: float, ignore_index: int, highest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Same contract as _select_triton, with a stable sort (equal keys keep their order: earlier position first)."""
+    valid = labels != ignore_index
+    rewards = torch.where(valid, beta * (logp - ref), torch.zeros_like(logp))
+    key = rewards if highest else -rewards
+    key = torch.where(valid, key, torch.full_like(key, float("-inf")))  # invalid tokens rank last
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order).contiguous())
+    masked = valid & (rank < k[:, None])
+    return rewards, masked
+
+
+# ------------------------------------------------------------------------------------------------------- the epilogue
+def validate_score_options(
+    labels: torch.Tensor, ref_logprobs: object, weights: object, *,
+    beta: object, mask_fraction: object, mask_by: object, mask_scope: object,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:  # fmt: skip
+    """Check the token_scores options; return fp32 (ref, weights) tensors (zeros / ones when None)."""
+    beta = check_positive("beta", beta)
+    if isinstance(mask_fraction, bool) or not isinstance(mask_fraction, (int, float)):
+        raise TypeError(f"mask_fraction must be a float in [0, 1), got {describe(mask_fraction)}")
+    mask_fraction = float(mask_fraction)
+    if not 0.0 <= mask_fraction < 1.0:
+        raise ValueError(f"mask_fraction must be in [0, 1), got {mask_fraction!r}")
+    check_choice("mask_by", mask_by, MASK_BY)
+    check_choice("mask_scope", mask_scope, MASK_SCOPES)
+    tensors = {}
+    for name, value, default in (("ref_logprobs", ref_logprobs, 0.0), ("weights", weights, 1.0)):
+        if value is None:
+            tensors[name] = torch.full(labels.shape, default, dtype=torch.float32, device=labels.device)
+            continue
+        value = check_tensor(name, value, dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_shape(name, value, tuple(labels.shape), like="labels")
+        if value.device != labels.device:
+            raise ValueError(f"{name} is on {value.device} but labels is on {labels.device}; put them on one device")
+        tensors[name] = value.to(torch.float32)
+    ref, w = tensors["ref_logprobs"], tensors["weights"]
+    finite = torch.stack([torch.isfinite(ref).all(), torch.isfinite(w).all()]).tolist()  # one host sync
+    for name, ok in zip(("ref_logprobs", "weights"), finite):
+        if not ok:
+            bad = int((~torch.isfinite(tensors[name])).sum())
+            raise ValueError(f"{name} must be finite, got {bad} NaN/inf value(s) in {describe(tensors[name])}")
+    return ref, w, beta, mask_fraction
+
+
+def scores_from_logprobs(
+    logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    ref: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    beta: float,
+    mask_fraction: float,
+    mask_by: str,
+    mask_scope: str,
+    ignore_index: int,
+    use_triton: bool,
+) -> TokenScores:
+    """Light epilogue on [B, T] tensors shared by token_scores and its fused-linear twin (inputs already checked)."""
+    B, T = labels.shape
+    valid = labels != ignore_index
+    logp_const = logprobs.detach()
+    if mask_scope == "sequence":
+        shape = (B, T)
+    else:
+        shape = (1, B * T)
+    n_valid = valid.reshape(shape).sum(-1)
+    k = torch.floor(mask_fraction * n_valid.to(torch.float64)).to(torch.int64)  # on device, no sync
+    select = _select_triton if use_triton else _select_reference
+    rewards, masked = select(
+        logp_const.reshape(shape).contiguous(), ref.reshape(shape).contiguous(),
+        labels.reshape(shape).contiguous(), k,
+        beta=beta, ignore_index=ignore_index, highest=(mask_by == "highest"),
+    )  # fmt: skip
+    rewards, masked = rewards.view(B, T), masked.view(B, T)
+    keep = valid & ~masked
+    coef = torch.where(keep, weights, torch.zeros_like(weights))
+    return TokenScores(
+        logprobs=logprobs,
+        rewards=rewards,
+        keep=keep,
+        masked=masked,
+        seq_logprobs=(logprobs * coef).sum(-1),
+        seq_ref_logprobs=(ref * coef).sum(-1),
+        n_tokens=keep.sum(-1).to(torch.float32),
+        weights=coef,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- public API
+def token_scores(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    beta: float = 0.1,
+    mask_fraction: float = 0.0,
+    mask_by: str = "highest",
+    mask_scope: str = "sequence",
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+) -> TokenScores:
+    """Per-token log-probs, rewards and a top-percentile token mask with per-sequence sums, in one pass over logits.
+
+    Args:
+        logits: [B, T, V] fp16/bf16/fp32 (rows may be strided, e.g. ``logits[:, :-1]``).
+        labels: [B, T] integer ids, ``ignore_index`` where no loss applies.
+        ref_logprobs: [B, T] per-token reference log-probs (None: 0).
+        weights: [B, T] per-token weights (None: 1). Constants for autograd.
+        beta: reward scale, ``reward = beta * (logp - ref)``.
+        mask_fraction: f in [0, 1): exactly ``floor(f * n)`` of the n valid tokens of each scope are masked.
+        mask_by: "highest" or "lowest" reward is masked; ties go to the earlier position.
+        mask_scope: "sequence" (per row) or "batch" (all rows together).
+        inplace_backward: write the logits gradient into the logits buffer (see ``token_logprobs``).
+
+    Returns:
+        TokenScores (see its docstring).
+    """
+    logits, labels, temperature = validate_logits_labels(
+        logits, labels, ignore_index=ignore_index, temperature=temperature
+    )
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V] (3 dimensions), got {describe(logits)}")
+    ref, w, beta, mask_fraction = validate_score_options(
+        labels, ref_logprobs, weights, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by, mask_scope=mask_scope
+    )
+    use_triton = select_backend(logits.device) == "triton"
+    if use_triton:
+        rows, layout = as_row_addressable(logits)
+        opts = _Options(layout, ignore_index, temperature, bool(inplace_backward) and rows is logits)
+        logprobs = TokenLogprobsFunction.apply(rows, labels.reshape(-1).contiguous(), opts).view(labels.shape)
+    else:
+        logprobs = token_logprobs_reference(logits, labels, ignore_index=ignore_index, temperature=temperature)
+    return scores_from_logprobs(
+        logprobs, labels, ref, w, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by,
+        mask_scope=mask_scope, ignore_index=ignore_index, use_triton=use_triton,
+    )  # fmt: skip
