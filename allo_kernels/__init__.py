@@ -1,11 +1,27 @@
 """allo_kernels: fused kernels, losses and a sparse optimizer for low-redundant LLM alignment.
 
-Public API (see DESIGN.md / README.md): ``token_logprobs``.
+Public API (the contract is in DESIGN.md; the README shows it in use):
+
+* ``token_logprobs``                 per-token log-probs from logits, one read forward and one backward
+* ``token_scores`` / ``TokenScores`` log-probs + rewards + top-percentile token mask + per-sequence sums
+* ``fused_linear_token_logprobs`` / ``fused_linear_token_scores``: the same from hidden states x lm_head,
+  never holding the [N, V] logits
+* ``losses``                         DPO family, NPO, ALLO token-NPO and masked DPO, SimPO, ORPO, KTO, SFT
 """
 
+from . import losses
+from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
 from .ops.token_logprobs import token_logprobs
 from .ops.token_scores import TokenScores, token_scores
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "token_scores", "TokenScores", "__version__"]
+__all__ = [
+    "losses",
+    "token_logprobs",
+    "token_scores",
+    "TokenScores",
+    "fused_linear_token_logprobs",
+    "fused_linear_token_scores",
+    "__version__",
+]

@@ -1,0 +1,195 @@
+import types
+
+import pytest
+import torch
+
+import allo_kernels as ak
+from allo_kernels.ops import fused_linear as fl
+from allo_kernels.ops import token_logprobs as logprob_op
+from allo_kernels.ops.token_logprobs import token_logprobs_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Half-precision runs are judged against an fp32 reference of the same half inputs: the logits chunk itself is
+# rounded to the half type, so the comparison allows that one rounding of O(1) logits.
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+       torch.float16: dict(atol=6e-3, rtol=6e-3)}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(logprob_op, "MAX_BLOCK_V", 64)
+
+
+def make(dtype, lead=(13,), H=16, V=150, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*lead, H, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, lead, generator=g)
+    labels.view(-1)[:3] = -100
+    return hidden, weight, b, labels
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def reference(hidden, weight, bias, labels, g, **kw):
+    h, w, b = leaves(hidden.float(), weight.float(), None if bias is None else bias.float())
+    z = h @ w.t() + (b if b is not None else 0)
+    out = token_logprobs_reference(z, labels, **kw)
+    out.backward(g)
+    return out.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, None])
+def test_matches_unfused(dtype, chunk_size, backend_name, backend):
+    backend(backend_name)
+    hidden, weight, bias, labels = make(dtype)
+    g = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=chunk_size, temperature=0.9)
+    out.backward(g)
+    ref, gh, gw, gb = reference(hidden, weight, bias, labels, g, temperature=0.9)
+    assert out.dtype == torch.float32
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype and b.grad.dtype == dtype
+    torch.testing.assert_close(out.detach(), ref, **TOL[dtype])
+    torch.testing.assert_close(h.grad.float(), gh, **TOL[dtype])
+    torch.testing.assert_close(w.grad.float(), gw, **TOL[dtype])
+    torch.testing.assert_close(b.grad.float(), gb, **TOL[dtype])
+
+
+def test_3d_hidden_no_bias_odd_shapes(backend):
+    backend("triton")
+    hidden, weight, _, labels = make(torch.float32, lead=(2, 7), H=5, V=67, bias=False)
+    g = torch.randn(2, 7)
+    h, w = leaves(hidden, weight)
+    out = ak.fused_linear_token_logprobs(h, w, labels, chunk_size=4)
+    out.backward(g)
+    ref, gh, gw, _ = reference(hidden, weight, None, labels, g)
+    assert out.shape == (2, 7)
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(h.grad, gh, **TOL[torch.float32])
+    torch.testing.assert_close(w.grad, gw, **TOL[torch.float32])
+
+
+def test_single_token_and_all_ignored(backend):
+    backend("triton")
+    hidden, weight, bias, _ = make(torch.float32, lead=(1,), V=10)
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, torch.tensor([9]), bias=b)
+    ref, gh, gw, gb = reference(hidden, weight, bias, torch.tensor([9]), torch.ones(1))
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(w.grad, gw, **TOL[torch.float32])
+
+    h, w, b = leaves(*make(torch.float32, lead=(6,))[:3])
+    out = ak.fused_linear_token_logprobs(h, w, torch.full((6,), -100), bias=b, chunk_size=4)
+    out.sum().backward()
+    assert torch.equal(out.detach(), torch.zeros(6))
+    assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_fused_token_scores_matches_token_scores(backend_name, backend):
+    backend(backend_name)
+    hidden, weight, bias, labels = make(torch.float32, lead=(3, 8), H=12, V=90)
+    ref_lp = torch.randn(3, 8)
+    wts = torch.rand(3, 8)
+    kw = dict(ref_logprobs=ref_lp, weights=wts, beta=0.3, mask_fraction=0.25, mask_by="lowest")
+    h1, w1, b1 = leaves(hidden, weight, bias)
+    s1 = ak.fused_linear_token_scores(h1, w1, labels, bias=b1, chunk_size=5, **kw)
+    h2, w2, b2 = leaves(hidden, weight, bias)
+    s2 = ak.token_scores(h2 @ w2.t() + b2, labels, **kw)
+    assert torch.equal(s1.keep, s2.keep) and torch.equal(s1.masked, s2.masked)
+    torch.testing.assert_close(s1.seq_logprobs.detach(), s2.seq_logprobs.detach(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(s1.seq_ref_logprobs, s2.seq_ref_logprobs)
+    (s1.seq_logprobs.sum() + s1.logprobs.mean()).backward()
+    (s2.seq_logprobs.sum() + s2.logprobs.mean()).backward()
+    for a, b in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=2e-5, rtol=2e-5)
+
+
+class FakeZero3Param(torch.nn.Parameter):
+    """Stands in for a DeepSpeed ZeRO-3 parameter: its local storage is empty until all_gather()."""
+
+
+def make_zero3(full: torch.Tensor) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.empty(0, dtype=full.dtype))
+    p.ds_shape = tuple(full.shape)
+    p.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
+    p.gathers = 0
+
+    def all_gather():
+        p.data = full.clone()
+        p.ds_status = types.SimpleNamespace(name="AVAILABLE")
+        p.gathers += 1
+
+    def partition():
+        p.data = torch.empty(0, dtype=full.dtype)
+        p.ds_status = types.SimpleNamespace(name="NOT_AVAILABLE")
+
+    p.all_gather, p.partition = all_gather, partition
+    return p
+
+
+def test_zero3_partitioned_weight_is_gathered(backend):
+    backend("triton")
+    hidden, weight, bias, labels = make(torch.float32, V=40)
+    w = make_zero3(weight)
+    b = make_zero3(bias)
+    h = hidden.clone().requires_grad_()
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+    assert w.numel() == 0  # released again after the forward
+    g = torch.randn(labels.shape)
+    out.backward(g)
+    assert w.gathers == 2 and w.numel() == 0  # gathered for the forward and again for the backward
+    ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(h.grad, gh, **TOL[torch.float32])
+    torch.testing.assert_close(w.grad, gw, **TOL[torch.float32])  # full-size grad, as ZeRO-3's hooks expect
+    torch.testing.assert_close(b.grad, gb, **TOL[torch.float32])
+
+
+def test_auto_chunk_size():
+    assert fl.auto_chunk_size(10, 100, 8, torch.float32, torch.device("cpu")) == 10
+    rows = fl.auto_chunk_size(10**6, 128256, 4096, torch.bfloat16, torch.device("cpu"))
+    assert rows * 128256 * (2 + 8) <= fl.MAX_CHUNK_BYTES_CPU and rows >= 128
+    assert fl.auto_chunk_size(10**6, 1000, 64, torch.float32, torch.device("cpu")) % 128 == 0
+
+
+def test_bad_inputs():
+    hidden, weight, bias, labels = make(torch.float32)
+    with pytest.raises(ValueError, match="hidden's last dimension must equal weight's second dimension 16"):
+        ak.fused_linear_token_logprobs(hidden[:, :8], weight, labels)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ak.fused_linear_token_logprobs(hidden.bfloat16(), weight, labels)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ak.fused_linear_token_logprobs(hidden, weight, labels, bias=bias[:5])
+    with pytest.raises(ValueError, match="chunk_size"):
+        ak.fused_linear_token_logprobs(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError, match=r"weight must have 2 dimensions \[V, H\]"):
+        ak.fused_linear_token_logprobs(hidden, weight[None], labels)
+    bad = labels.clone()
+    bad[4] = 150
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 150\)"):
+        ak.fused_linear_token_logprobs(hidden, weight, bad)
+    with pytest.raises(ValueError, match=r"hidden must be \[B, T, H\]"):
+        ak.fused_linear_token_scores(hidden, weight, labels)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_realistic():
+    torch.manual_seed(0)
+    hidden = (torch.randn(2, 256, 1024, device="cuda") * 0.3).bfloat16()
+    weight = (torch.randn(32000, 1024, device="cuda") * 0.02).bfloat16()
+    labels = torch.randint(0, 32000, (2, 256), device="cuda")
+    h, w = leaves(hidden, weight)
+    out = ak.fused_linear_token_logprobs(h, w, labels, chunk_size=100)
+    g = torch.randn(2, 256, device="cuda")
+    out.backward(g)
+    ref, gh, gw, _ = reference(hidden, weight, None, labels, g)
+    torch.testing.assert_close(out.detach(), ref, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(w.grad.float(), gw, atol=5e-2, rtol=5e-2)
