@@ -6,10 +6,12 @@ Public API (the contract is in DESIGN.md; the README shows it in use):
 * ``token_scores`` / ``TokenScores`` log-probs + rewards + top-percentile token mask + per-sequence sums
 * ``fused_linear_token_logprobs`` / ``fused_linear_token_scores``: the same from hidden states x lm_head,
   never holding the [N, V] logits
+* ``preference_loss`` / ``forgetting_loss``: one call from a [chosen; rejected] (or forget) batch to (loss, metrics)
 * ``losses``                         DPO family, NPO, ALLO token-NPO and masked DPO, SimPO, ORPO, KTO, SFT
 """
 
 from . import losses
+from .objectives import forgetting_loss, preference_loss
 from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
 from .ops.token_logprobs import token_logprobs
 from .ops.token_scores import TokenScores, token_scores
@@ -23,5 +25,7 @@ __all__ = [
     "TokenScores",
     "fused_linear_token_logprobs",
     "fused_linear_token_scores",
+    "preference_loss",
+    "forgetting_loss",
     "__version__",
 ]

@@ -1,0 +1,148 @@
+"""One call from a policy batch to (loss, metrics): the convenience layer for users' own training loops.
+
+A preference batch is laid out as ``[chosen; rejected]``: rows ``0..B-1`` are the chosen responses, rows ``B..2B-1``
+the rejected ones (the layout TRL's DPOTrainer uses for its concatenated forward). The policy output is either
+logits [2B, T, V] or, with ``lm_head_weight``, final hidden states [2B, T, H] that go through the fused-linear
+kernels (the [2B, T, V] logits are never built). Labels are already aligned with the positions (no shifting here:
+pass ``logits[:, :-1]`` / ``hidden[:, :-1]`` with ``labels[:, 1:]``).
+
+    loss, metrics = ak.preference_loss(logits, labels, ref_logprobs=ref, beta=0.1,
+                                       mask_fraction=0.9, mask_by="highest")   # ALLO improving stage
+    loss, metrics = ak.forgetting_loss(logits, labels, ref_logprobs=ref, weights=w)  # ALLO forgetting stage
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import losses
+from ._validate import check_choice, check_tensor, describe
+from .ops.fused_linear import fused_linear_token_scores
+from .ops.token_scores import TokenScores, token_scores
+
+PREFERENCE_LOSS_TYPES = (*losses.DPO_LOSS_TYPES, "simpo")
+MASK_SIDES = ("rejected", "chosen", "both", "none")
+
+
+def _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, **kw) -> TokenScores:
+    if lm_head_weight is None:
+        if lm_head_bias is not None:
+            raise ValueError("lm_head_bias was given without lm_head_weight")
+        return token_scores(policy, labels, **kw)
+    return fused_linear_token_scores(policy, lm_head_weight, labels, bias=lm_head_bias, chunk_size=chunk_size, **kw)
+
+
+def _halves(name: str, t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if t is None:
+        return None, None
+    if t.shape[0] % 2:
+        raise ValueError(f"{name} must hold [chosen; rejected] rows (an even first dimension), got {describe(t)}")
+    half = t.shape[0] // 2
+    return t[:half], t[half:]
+
+
+def preference_loss(
+    policy: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None,
+    weights: torch.Tensor | None = None,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 1.0,
+    mask_fraction: float = 0.0,
+    mask_by: str = "highest",
+    mask_scope: str = "sequence",
+    mask_side: str = "rejected",
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss (optionally ALLO's token-masked DPO) for a ``[chosen; rejected]`` batch.
+
+    Args:
+        policy: logits [2B, T, V], or hidden states [2B, T, H] when ``lm_head_weight`` [V, H] is given.
+        labels: [2B, T].
+        ref_logprobs: [2B, T] per-token reference log-probs (required except for ``loss_type="simpo"``).
+        weights: optional [2B, T] per-token weights.
+        loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "simpo" (reference-free).
+            ipo and simpo use length-averaged log-probs over the kept tokens, as TRL does.
+        mask_fraction, mask_by, mask_scope: the token mask of ``token_scores``; ``mask_side`` says which responses
+            it applies to ("rejected" is ALLO's improving stage: use ``mask_fraction = 1 - eps``,
+            ``mask_by="highest"`` to keep the ``eps`` lowest-reward rejected tokens).
+
+    Returns:
+        ``(loss, metrics)`` with TRL's metric names (plus ``tokens/chosen`` and ``tokens/rejected``).
+    """
+    check_tensor("policy", policy, ndim=3)
+    check_tensor("labels", labels, ndim=2)
+    check_choice("loss_type", loss_type, PREFERENCE_LOSS_TYPES)
+    check_choice("mask_side", mask_side, MASK_SIDES)
+    if ref_logprobs is None and loss_type != "simpo":
+        raise ValueError(f"ref_logprobs is required for loss_type={loss_type!r} (only 'simpo' is reference-free)")
+    policy_c, policy_r = _halves("policy", policy)
+    labels_c, labels_r = _halves("labels", labels)
+    ref_c, ref_r = _halves("ref_logprobs", ref_logprobs)
+    w_c, w_r = _halves("weights", weights)
+    common = dict(beta=beta, mask_by=mask_by, mask_scope=mask_scope, ignore_index=ignore_index,
+                  temperature=temperature)  # fmt: skip
+    frac_c = mask_fraction if mask_side in ("chosen", "both") else 0.0
+    frac_r = mask_fraction if mask_side in ("rejected", "both") else 0.0
+    c = _scores(policy_c, labels_c, lm_head_weight, lm_head_bias, chunk_size,
+                ref_logprobs=ref_c, weights=w_c, mask_fraction=frac_c, **common)  # fmt: skip
+    r = _scores(policy_r, labels_r, lm_head_weight, lm_head_bias, chunk_size,
+                ref_logprobs=ref_r, weights=w_r, mask_fraction=frac_r, **common)  # fmt: skip
+
+    if loss_type == "simpo":
+        loss, metrics = losses.simpo_loss(
+            c.seq_logprobs, r.seq_logprobs, chosen_lengths=c.n_tokens, rejected_lengths=r.n_tokens,
+            beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing,
+        )  # fmt: skip
+    elif loss_type == "ipo":
+        def avg(s: TokenScores, x: torch.Tensor) -> torch.Tensor:
+            return x / s.n_tokens.clamp(min=1.0)
+
+        loss, metrics = losses.dpo_loss(
+            avg(c, c.seq_logprobs), avg(r, r.seq_logprobs), avg(c, c.seq_ref_logprobs), avg(r, r.seq_ref_logprobs),
+            beta=beta, loss_type="ipo",
+        )  # fmt: skip
+    elif loss_type == "sigmoid":
+        loss, metrics = losses.masked_dpo_loss(
+            c.seq_logprobs, r.seq_logprobs, c.seq_ref_logprobs, r.seq_ref_logprobs,
+            beta=beta, label_smoothing=label_smoothing, chosen_tokens=c.n_tokens, rejected_tokens=r.n_tokens,
+        )  # fmt: skip
+    else:
+        loss, metrics = losses.dpo_loss(
+            c.seq_logprobs, r.seq_logprobs, c.seq_ref_logprobs, r.seq_ref_logprobs,
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        )  # fmt: skip
+    metrics.setdefault("tokens/chosen", c.n_tokens.mean().detach())
+    metrics.setdefault("tokens/rejected", r.n_tokens.mean().detach())
+    return loss, metrics
+
+
+def forgetting_loss(
+    policy: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor,
+    weights: torch.Tensor,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ALLO's forgetting stage on a batch of responses to forget: token-weighted NPO.
+
+    ``loss = sum_bt -w_bt * logsigmoid(-beta * (logp_bt - ref_bt)) / #{w_bt != 0}`` (0 when all weights are 0);
+    ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says.
+    """
+    s = _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, ref_logprobs=ref_logprobs,
+                weights=weights, beta=beta, ignore_index=ignore_index, temperature=temperature)  # fmt: skip
+    ref = ref_logprobs.to(torch.float32)
+    return losses.token_npo_loss(s.logprobs, torch.where(s.keep, ref, torch.zeros_like(ref)), s.weights, beta=beta)

@@ -1,0 +1,137 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import allo_kernels as ak
+from allo_kernels.ops import token_logprobs as logprob_op
+from allo_kernels.ops.token_logprobs import token_logprobs_reference
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(logprob_op, "MAX_BLOCK_V", 64)
+
+
+def batch(B=2, T=9, V=80, H=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2 * B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.5
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100  # prompt
+    labels[1, -2:] = -100  # padding
+    ref = torch.randn(2 * B, T, generator=g) - 4.0
+    return hidden, weight, labels, ref
+
+
+def official_allo_improving(logp, ref, labels, beta, eps):
+    """The official improving-stage loss, written out: chosen log-ratio summed over all response tokens; rejected
+    keeps only its ceil(eps * n) lowest-log-ratio tokens (token_scores' count, see masked_dpo_loss's docstring)."""
+    B = logp.shape[0] // 2
+    valid = labels != -100
+    ratio = torch.where(valid, logp - ref, torch.zeros_like(logp))
+    losses = []
+    for b in range(B):
+        chosen = ratio[b][valid[b]].sum()
+        rej = ratio[B + b][valid[B + b]]
+        k = rej.numel() - math.floor((1 - eps) * rej.numel())
+        kept = torch.sort(rej, stable=True).values[:k].sum()
+        losses.append(-F.logsigmoid(beta * (chosen - kept)))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_allo_improving_matches_official_formula(backend_name, fused, backend):
+    backend(backend_name)
+    hidden, weight, labels, ref = batch()
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    if fused:
+        loss, metrics = ak.preference_loss(h, labels, lm_head_weight=w, ref_logprobs=ref, beta=0.2,
+                                           mask_fraction=0.9, mask_by="highest", chunk_size=7)
+    else:
+        loss, metrics = ak.preference_loss(h @ w.t(), labels, ref_logprobs=ref, beta=0.2,
+                                           mask_fraction=0.9, mask_by="highest")
+    loss.backward()
+    h2 = hidden.clone().requires_grad_()
+    w2 = weight.clone().requires_grad_()
+    logp = token_logprobs_reference(h2 @ w2.t(), labels)
+    expect = official_allo_improving(logp, ref, labels, 0.2, 0.1)
+    expect.backward()
+    torch.testing.assert_close(loss.detach(), expect.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+    n_rej = (labels[2:] != -100).sum(-1).float()
+    expected_kept = n_rej - torch.floor(0.9 * n_rej)
+    torch.testing.assert_close(metrics["tokens/rejected"], expected_kept.mean())
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
+
+
+def test_plain_dpo_and_ipo_without_mask(backend):
+    backend("triton")
+    hidden, weight, labels, ref = batch()
+    logits = hidden @ weight.t()
+    logp = token_logprobs_reference(logits, labels)
+    valid = labels != -100
+    s, s_ref, n = logp.sum(-1), (ref * valid).sum(-1), valid.sum(-1).float()
+    loss, _ = ak.preference_loss(logits, labels, ref_logprobs=ref, beta=0.1)
+    d = (s[:2] - s_ref[:2]) - (s[2:] - s_ref[2:])
+    torch.testing.assert_close(loss, -F.logsigmoid(0.1 * d).mean(), atol=1e-5, rtol=1e-5)
+    loss, _ = ak.preference_loss(logits, labels, ref_logprobs=ref, beta=0.1, loss_type="ipo")
+    a, a_ref = s / n, s_ref / n
+    d = (a[:2] - a_ref[:2]) - (a[2:] - a_ref[2:])
+    torch.testing.assert_close(loss, ((d - 1 / (2 * 0.1)) ** 2).mean(), atol=1e-5, rtol=1e-5)
+    loss, _ = ak.preference_loss(logits, labels, ref_logprobs=None, beta=2.0, loss_type="simpo", simpo_gamma=0.5)
+    torch.testing.assert_close(loss, -F.logsigmoid(2.0 * (a[:2] - a[2:]) - 0.5).mean(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_forgetting_matches_official_formula(fused, backend):
+    backend("triton")
+    hidden, weight, labels, ref = batch(seed=3)
+    g = torch.Generator().manual_seed(5)
+    w_tok = (torch.rand(labels.shape, generator=g) > 0.5).float() * torch.rand(labels.shape, generator=g)
+    h = hidden.clone().requires_grad_()
+    if fused:
+        loss, metrics = ak.forgetting_loss(h, labels, lm_head_weight=weight, ref_logprobs=ref, weights=w_tok,
+                                           beta=0.1, chunk_size=5)
+    else:
+        loss, metrics = ak.forgetting_loss(h @ weight.t(), labels, ref_logprobs=ref, weights=w_tok, beta=0.1)
+    loss.backward()
+    # Official train_forgetting.py: logits.float() -> CE(reduction="none") -> sum(-r * logsig(-beta*(logp-ref))) / #r!=0
+    h2 = hidden.clone().requires_grad_()
+    logits = (h2 @ weight.t()).float()
+    logp = -F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    r = torch.where(labels != -100, w_tok, torch.zeros_like(w_tok))
+    expect = (-r * F.logsigmoid(-0.1 * (logp - ref))).sum() / (r != 0).sum()
+    expect.backward()
+    torch.testing.assert_close(loss.detach(), expect.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_forgetting_all_zero_weights_is_zero(backend):
+    backend("triton")
+    hidden, weight, labels, ref = batch()
+    h = hidden.clone().requires_grad_()
+    loss, _ = ak.forgetting_loss(h @ weight.t(), labels, ref_logprobs=ref, weights=torch.zeros(labels.shape))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_bad_inputs():
+    hidden, weight, labels, ref = batch()
+    logits = hidden @ weight.t()
+    with pytest.raises(ValueError, match="even first dimension"):
+        ak.preference_loss(logits[:3], labels[:3], ref_logprobs=ref[:3])
+    with pytest.raises(ValueError, match="ref_logprobs is required"):
+        ak.preference_loss(logits, labels, ref_logprobs=None)
+    with pytest.raises(ValueError, match="loss_type"):
+        ak.preference_loss(logits, labels, ref_logprobs=ref, loss_type="kto")
+    with pytest.raises(ValueError, match="mask_side"):
+        ak.preference_loss(logits, labels, ref_logprobs=ref, mask_side="left")
+    with pytest.raises(ValueError, match="lm_head_bias was given without lm_head_weight"):
+        ak.preference_loss(logits, labels, ref_logprobs=ref, lm_head_bias=torch.zeros(80))
+    with pytest.raises(ValueError, match="weights"):
+        ak.forgetting_loss(logits, labels, ref_logprobs=ref, weights=-torch.ones(labels.shape))
