@@ -15,6 +15,7 @@ from .objectives import forgetting_loss, preference_loss
 from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
 from .ops.token_logprobs import token_logprobs
 from .ops.token_scores import TokenScores, token_scores
+from .optim import SparseAdamW
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,6 @@ __all__ = [
     "fused_linear_token_scores",
     "preference_loss",
     "forgetting_loss",
+    "SparseAdamW",
     "__version__",
 ]

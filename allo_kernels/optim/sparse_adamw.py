@@ -1,0 +1,347 @@
+"""SparseAdamW: AdamW on selected rows (neurons) or elements of weights, with Adam state for selected rows only.
+
+Semantics (the contract of DESIGN.md):
+
+* ``masks={param: bool tensor}`` (or a param-group key ``"mask"``). A 1-D mask of length ``p.shape[0]`` selects rows,
+  a mask of ``p.shape`` selects elements. Params without a mask are updated densely, like ``torch.optim.AdamW``.
+* Selected entries receive exactly ``torch.optim.AdamW``'s update (decoupled weight decay, bias correction,
+  ``amsgrad``, ``maximize``; ``lr`` & co are read from ``param_groups`` at every step, so LR schedulers work).
+  Unselected entries are never written: bit-identical, no weight decay.
+* State (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, fp32) exists only for selected rows: shape ``[k, C]`` for a
+  ``[R, C...]`` weight with ``k`` selected rows (element masks: rows holding at least one selected element; the
+  unselected elements of those rows are neither updated nor their state touched). ``step`` is a per-tensor counter as
+  in torch. With ``master_weights=True`` bf16/fp16 params also get fp32 master rows (``state["master"]``).
+* ``set_mask(p, mask)`` changes a mask; the state of rows that stay selected is carried over, new rows start from
+  zero moments (with the tensor's step count).
+* ``state_dict()`` adds the compact layouts; ``load_state_dict()`` restores fp32 state exactly and migrates it when
+  the current masks differ from the saved ones.
+
+Backends: Triton for CUDA tensors (one launch per dtype group over a table of row segments), the native C++ library
+for CPU tensors (vectorised, OpenMP), the torch reference elsewhere. ``backend=`` or ``ALLO_KERNELS_BACKEND`` overrides.
+Under DeepSpeed ZeRO call ``opt.bind(engine)`` after ``deepspeed.initialize`` (see ``deepspeed_bind.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from .._backend import BACKENDS, select_backend
+from .._validate import check_choice, check_positive, describe
+from . import _native
+from ._layout import Layout, dense_layout, mask_layout, migrate_tensor
+from ._reference import StepScalars, reference_step
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+_warned_no_native = False
+
+
+def _warn_no_native() -> None:
+    global _warned_no_native
+    if not _warned_no_native:
+        _warned_no_native = True
+        warnings.warn(
+            "allo_kernels: the native CPU library for SparseAdamW is not available "
+            f"({_native.load_error()}); using the slower torch fallback. Reinstall allo with CMake and a C++ compiler "
+            "present (pip install -e .), or point ALLO_NATIVE_LIB at a built _native*.so.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        masks: dict | None = None,
+        master_weights: bool = False,
+        backend: str | None = None,
+    ):
+        check_positive("lr", float(lr), allow_zero=True)
+        check_positive("eps", eps, allow_zero=True)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        if backend is not None:
+            check_choice("backend", backend, BACKENDS)
+        self._backend = backend
+        self._masks: dict[torch.Tensor, torch.Tensor] = {}
+        self._layouts: dict[torch.Tensor, Layout] = {}
+        self._binding = None  # set by bind(engine)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, master_weights=master_weights)
+        super().__init__(params, defaults)
+        if masks is not None:
+            if not isinstance(masks, dict):
+                raise TypeError(f"masks must be a dict {{param: bool tensor}}, got {describe(masks)}")
+            for p, m in masks.items():
+                self.set_mask(p, m)
+
+    # ------------------------------------------------------------------------------------------------ masks
+    def add_param_group(self, param_group: dict) -> None:
+        group_mask = param_group.pop("mask", None) if isinstance(param_group, dict) else None
+        super().add_param_group(param_group)
+        if group_mask is None:
+            return
+        params = self.param_groups[-1]["params"]
+        if isinstance(group_mask, torch.Tensor):
+            if len(params) != 1:
+                raise ValueError(f"param group key 'mask' is one tensor but the group has {len(params)} params; "
+                                 "give a list with one mask (or None) per param, or a dict {param: mask}")
+            pairs = [(params[0], group_mask)]
+        elif isinstance(group_mask, dict):
+            pairs = list(group_mask.items())
+        elif isinstance(group_mask, (list, tuple)):
+            if len(group_mask) != len(params):
+                raise ValueError(f"param group key 'mask' has {len(group_mask)} entries for {len(params)} params")
+            pairs = list(zip(params, group_mask))
+        else:
+            raise TypeError(f"param group key 'mask' must be a tensor, a list of tensors or a dict, got "
+                            f"{describe(group_mask)}")
+        for p, m in pairs:
+            if m is not None:
+                self.set_mask(p, m)
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _check_mask(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask for param of shape {tuple(p.shape)} must be a bool tensor, got {describe(mask)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask for param of shape {tuple(p.shape)} must have dtype torch.bool, got {describe(mask)}")
+        n_rows = p.shape[0] if p.dim() >= 1 else None
+        if tuple(mask.shape) != tuple(p.shape) and not (mask.dim() == 1 and n_rows is not None and mask.shape[0] == n_rows):
+            raise ValueError(f"mask for param of shape {tuple(p.shape)} must have shape ({n_rows},) (rows) or "
+                             f"{tuple(p.shape)} (elements), got {describe(mask)}")
+        if mask.device != p.device:
+            raise ValueError(f"mask for param of shape {tuple(p.shape)} is on {mask.device} but the param is on "
+                             f"{p.device}; move the mask to the param's device once, up front")
+        return mask.detach().contiguous()
+
+    def set_mask(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Set (or with ``None`` remove) the mask of ``param``, migrating its state to the new selection."""
+        if not any(param is q for q in self._all_params()):
+            raise ValueError(f"mask given for a param that is not in this optimizer: {describe(param)}")
+        if self._binding is not None:
+            raise RuntimeError("set_mask after bind(engine) is not supported; set masks before deepspeed.initialize")
+        if mask is None:
+            self._masks.pop(param, None)
+        else:
+            self._masks[param] = self._check_mask(param, mask)
+        old = self._layouts.pop(param, None)
+        if old is not None and any(k in self.state.get(param, {}) for k in STATE_KEYS):
+            new = self._layout(param)
+            self._migrate_state(param, old, new)
+
+    def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        return self._masks.get(param)
+
+    # ----------------------------------------------------------------------------------------------- layouts
+    def _layout(self, p: torch.Tensor) -> Layout:
+        layout = self._layouts.get(p)
+        if layout is None:
+            mask = self._masks.get(p)
+            if mask is None:
+                layout = dense_layout(p)
+            else:
+                if not p.is_contiguous():
+                    raise ValueError(f"a masked param must be contiguous, got a strided {describe(p)}")
+                layout = mask_layout(p, mask)
+            self._layouts[p] = layout
+        return layout
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for g in self.param_groups:
+            if any(p is q for q in g["params"]):
+                return g
+        raise KeyError("param not in optimizer")
+
+    def _wants_master(self, p: torch.Tensor, group: dict) -> bool:
+        return bool(group.get("master_weights", False)) and p.dtype in LOW_PRECISION
+
+    def _gather(self, p: torch.Tensor, layout: Layout) -> torch.Tensor:
+        if layout.dense:
+            return p.detach().float().clone().reshape(layout.state_shape)
+        return p.detach().reshape(-1).index_select(0, layout.flat_index()).float().reshape(layout.state_shape)
+
+    def _init_state(self, p: torch.Tensor, layout: Layout, group: dict) -> dict:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            z = lambda: torch.zeros(layout.state_shape, dtype=torch.float32, device=p.device)  # noqa: E731
+            state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+            state["exp_avg"] = z()
+            state["exp_avg_sq"] = z()
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = z()
+            if self._wants_master(p, group):
+                state["master"] = self._gather(p, layout)
+        return state
+
+    def _migrate_state(self, p: torch.Tensor, old: Layout, new: Layout, tensors: dict | None = None) -> None:
+        old_state = self.state[p]
+        src = tensors if tensors is not None else {k: old_state[k] for k in STATE_KEYS if k in old_state}
+        # a fresh dict: a state_dict() taken earlier still refers to the old one and must keep describing it
+        state = {k: v for k, v in old_state.items() if k not in STATE_KEYS}
+        self.state[p] = state
+        for k, t in src.items():
+            if k == "master":
+                state[k] = migrate_tensor(t.float(), old, new, fill=self._gather(p, new))
+            else:
+                state[k] = migrate_tensor(t.float(), old, new)
+        self._fill_missing(p, new)
+
+    def _fill_missing(self, p: torch.Tensor, layout: Layout) -> None:
+        """Add the state tensors the group's options need but a loaded/migrated state lacks (amsgrad, master)."""
+        state = self.state[p]
+        group = self._group_of(p)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state and "exp_avg" in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        if self._wants_master(p, group) and "master" not in state and "exp_avg" in state:
+            state["master"] = self._gather(p, layout)
+
+    def state_rows(self, param: torch.Tensor) -> int:
+        """Number of rows (first state dimension) that hold Adam state for ``param``."""
+        st = self.state.get(param, {})
+        return int(st["exp_avg"].shape[0]) if "exp_avg" in st and st["exp_avg"].dim() else 0
+
+    # ------------------------------------------------------------------------------------------------- step
+    def _backend_for(self, device: torch.device) -> str:
+        if self._backend is not None:
+            backend = self._backend
+            if backend == "triton":
+                select_backend(device)  # raises if the interpreter is needed but off
+        else:
+            backend = select_backend(device, has_native=_native.available())
+            if device.type == "cpu" and backend == "torch" and not _native.available():
+                import os
+                if os.environ.get("ALLO_KERNELS_BACKEND", "").strip().lower() not in ("torch",):
+                    _warn_no_native()
+        if backend == "native" and (device.type != "cpu" or not _native.available()):
+            if device.type == "cpu":
+                _warn_no_native()
+            backend = "torch"
+        return backend
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        triton_work: list = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SparseAdamW does not support sparse gradients (torch.sparse); masks select rows")
+                layout = self._layout(p)
+                state = self._init_state(p, layout, group)
+                state["step"] += 1
+                if layout.n_compact == 0:
+                    continue
+                sc = StepScalars(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                                 weight_decay=float(group["weight_decay"]), step=float(state["step"].item()),
+                                 amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))
+                args = (p, p.grad, layout, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                        state.get("master"), sc)
+                backend = self._backend_for(p.device)
+                if backend == "triton" and p.is_contiguous() and p.grad.is_contiguous():
+                    triton_work.append(args)
+                elif backend == "native" and p.is_contiguous() and p.grad.is_contiguous() and _native.step(*args):
+                    pass
+                else:
+                    reference_step(*args)
+        if triton_work:
+            from ._triton_adamw import triton_step
+
+            triton_step(triton_work)
+        return loss
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        sd["allo_layouts"] = {index[id(p)]: layout.to_dict() for p, layout in self._layouts.items()
+                              if id(p) in index and "exp_avg" in self.state.get(p, {})}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch's load_state_dict casts floating state to the param's dtype: keep our fp32 tensors out of its reach.
+        sd = dict(state_dict)
+        layouts = sd.pop("allo_layouts", {})
+        saved_state = sd.get("state", {})
+        sd["state"] = {k: {kk: vv for kk, vv in st.items() if kk not in STATE_KEYS} for k, st in saved_state.items()}
+        super().load_state_dict(sd)
+        for st in self.state.values():  # torch keeps the caller's step tensors: do not step them in place
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+        params = self._all_params()
+        for idx, st in saved_state.items():
+            tensors = {k: v for k, v in st.items() if k in STATE_KEYS}
+            if not tensors:
+                continue
+            p = params[int(idx)]
+            current = self._layout(p)
+            if idx in layouts:
+                saved = Layout.from_dict(layouts[idx], p.device)
+            elif tensors["exp_avg"].numel() == p.numel():
+                saved = dense_layout(p)  # a dense (e.g. torch.optim.AdamW) state
+            else:
+                saved = current
+            if saved.same_as(current):
+                for k, t in tensors.items():
+                    self.state[p][k] = t.to(device=p.device, dtype=torch.float32).reshape(current.state_shape).clone()
+                self._fill_missing(p, current)
+            else:
+                self._migrate_state(p, saved, current, tensors=tensors)
+
+    # -------------------------------------------------------------------------------------------- DeepSpeed
+    def bind(self, engine) -> "SparseAdamW":
+        """Map the masks onto the flat fp32 partitions of a DeepSpeed engine (call after deepspeed.initialize)."""
+        from .deepspeed_bind import bind_engine
+
+        self._binding = bind_engine(self, engine)
+        return self
+
+    def export_state(self) -> dict:
+        """World-size independent compact state by parameter name (needs bind(engine)); see deepspeed_bind."""
+        from .deepspeed_bind import export_state
+
+        return export_state(self)
+
+    def import_state(self, exported: dict) -> None:
+        from .deepspeed_bind import import_state
+
+        import_state(self, exported)
+
+
+def named_masks(model: torch.nn.Module, masks_by_name: dict[str, torch.Tensor]) -> dict:
+    """{param: mask} from {parameter name: mask}; unknown names are an error."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(masks_by_name) - set(params))
+    if unknown:
+        raise ValueError(f"masks name parameters the model does not have: {unknown[:5]}")
+    return {params[n]: m for n, m in masks_by_name.items()}
+
+
+def iter_params(params: Iterable) -> list[torch.Tensor]:
+    out = []
+    for item in params:
+        if isinstance(item, dict):
+            out.extend(item["params"])
+        else:
+            out.append(item)
+    return out

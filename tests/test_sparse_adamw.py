@@ -1,0 +1,304 @@
+"""SparseAdamW against torch.optim.AdamW restricted to the selected entries (torch reference and native C++ backends).
+
+The torch backend runs torch.optim.AdamW's own op sequence, so on fp32 it is compared bit for bit. The native kernel
+rounds sqrt correctly where torch's CPU sqrt may be one ulp off, so it is compared with fp32 tolerances.
+Unselected entries must stay bit-identical to their initial values (torch.equal) on every backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from allo_kernels.optim import SparseAdamW, _native
+from allo_kernels.optim import sparse_adamw as sa_mod
+
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(not _native.available(),
+                                                         reason=f"native library not built: {_native.load_error()}"))
+BACKENDS = ["torch", NATIVE]
+
+
+def _close(actual, expected, backend, atol=1e-6, rtol=1e-5):
+    if backend == "torch":
+        assert torch.equal(actual, expected), (actual - expected).abs().max()
+    else:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def _run_pair(backend, *, shape=(48, 20), row_frac=0.3, steps=5, wd=0.1, amsgrad=False, maximize=False,
+              betas=(0.9, 0.999), element=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(shape, generator=g)
+    b0 = torch.randn(shape[0], generator=g)
+    if element:
+        mask = torch.rand(shape, generator=g) < row_frac
+        mask[0] = False  # a row without any selected element holds no state
+    else:
+        mask = torch.rand(shape[0], generator=g) < row_frac
+    p, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    q, bq = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = SparseAdamW([p, b], lr=3e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad, maximize=maximize,
+                      masks={p: mask}, backend=backend)
+    ref = torch.optim.AdamW([q, bq], lr=3e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
+    for _ in range(steps):
+        gw, gb = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
+        p.grad, q.grad, b.grad, bq.grad = gw.clone(), gw.clone(), gb.clone(), gb.clone()
+        opt.step()
+        ref.step()
+    return opt, (p, b, w0, b0, mask), (q, bq, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wd,amsgrad,maximize", [(0.0, False, False), (0.1, False, False), (0.05, True, True)])
+def test_row_mask_matches_adamw_on_selected_rows(backend, wd, amsgrad, maximize):
+    opt, (p, b, w0, b0, mask), (q, bq, ref) = _run_pair(backend, wd=wd, amsgrad=amsgrad, maximize=maximize)
+    _close(p.detach()[mask], q.detach()[mask], backend)
+    assert torch.equal(p.detach()[~mask], w0[~mask])  # unselected rows: bit-identical, no weight decay
+    _close(b.detach(), bq.detach(), backend)  # unmasked param: dense AdamW
+    st, rst = opt.state[p], ref.state[q]
+    k = int(mask.sum())
+    assert st["exp_avg"].shape == (k, p.shape[1]) and st["exp_avg_sq"].shape == (k, p.shape[1])
+    assert opt.state_rows(p) == k
+    _close(st["exp_avg"], rst["exp_avg"][mask], backend)
+    _close(st["exp_avg_sq"], rst["exp_avg_sq"][mask], backend)
+    if amsgrad:
+        _close(st["max_exp_avg_sq"], rst["max_exp_avg_sq"][mask], backend)
+    assert float(st["step"]) == float(rst["step"]) == 5.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_beta1_lerp_branch(backend):
+    opt, (p, b, w0, b0, mask), (q, bq, ref) = _run_pair(backend, betas=(0.3, 0.9), steps=3)
+    _close(p.detach()[mask], q.detach()[mask], backend)
+    assert torch.equal(p.detach()[~mask], w0[~mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_element_mask(backend):
+    opt, (p, b, w0, b0, mask), (q, bq, ref) = _run_pair(backend, element=True, row_frac=0.1)
+    _close(p.detach()[mask], q.detach()[mask], backend)
+    assert torch.equal(p.detach()[~mask], w0[~mask])  # includes unselected elements of rows that hold state
+    rows = mask.any(dim=1)
+    st = opt.state[p]
+    assert st["exp_avg"].shape == (int(rows.sum()), p.shape[1])
+    sel_in_rows = mask[rows]
+    _close(st["exp_avg"][sel_in_rows], ref.state[q]["exp_avg"][mask], backend)
+    assert torch.all(st["exp_avg"][~sel_in_rows] == 0) and torch.all(st["exp_avg_sq"][~sel_in_rows] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_with_fp32_master_rows(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    w32 = torch.randn(32, 24, generator=g)
+    w0 = w32.to(dtype)
+    mask = torch.rand(32, generator=g) < 0.4
+    p = w0.clone().requires_grad_()
+    q = w0.float().requires_grad_()  # fp32 AdamW on the same starting values = the master's reference
+    opt = SparseAdamW([p], lr=1e-2, weight_decay=0.1, masks={p: mask}, master_weights=True, backend=backend)
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        gr = torch.randn(32, 24, generator=g).to(dtype)
+        p.grad, q.grad = gr.clone(), gr.float()
+        opt.step()
+        ref.step()
+    st = opt.state[p]
+    assert st["master"].dtype == torch.float32 and st["master"].shape == (int(mask.sum()), 24)
+    _close(st["master"], q.detach()[mask], backend)
+    assert torch.equal(p.detach()[mask], st["master"].to(dtype))  # params are the rounded master rows
+    assert torch.equal(p.detach()[~mask], w0[~mask])
+    assert st["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_without_master_updates_in_fp32(backend):
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(16, 8, generator=g).to(torch.bfloat16)
+    mask = torch.tensor([True, False] * 8)
+    p = w0.clone().requires_grad_()
+    opt = SparseAdamW([p], lr=1e-2, masks={p: mask}, backend=backend)
+    q = w0.float().requires_grad_()
+    ref = torch.optim.AdamW([q], lr=1e-2)
+    gr = torch.randn(16, 8, generator=g).to(torch.bfloat16)
+    p.grad, q.grad = gr, gr.float()
+    opt.step()
+    ref.step()
+    assert "master" not in opt.state[p]
+    torch.testing.assert_close(p.detach()[mask], q.detach()[mask].to(torch.bfloat16), atol=0, rtol=2 ** -7)
+    assert torch.equal(p.detach()[~mask], w0[~mask])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_schedule_through_param_groups(backend):
+    torch.manual_seed(5)
+    w0 = torch.randn(20, 6)
+    mask = torch.rand(20) < 0.5
+    p, q = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    opt = SparseAdamW([p], lr=0.1, weight_decay=0.01, masks={p: mask}, backend=backend)
+    ref = torch.optim.AdamW([q], lr=0.1, weight_decay=0.01)
+    s1 = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(ref, step_size=1, gamma=0.5)
+    for _ in range(4):
+        gr = torch.randn(20, 6)
+        p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step(), ref.step(), s1.step(), s2.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 16)
+    _close(p.detach()[mask], q.detach()[mask], backend)
+    assert torch.equal(p.detach()[~mask], w0[~mask])
+
+
+def test_param_group_mask_key_and_params_without_grad():
+    torch.manual_seed(6)
+    a, b, c = torch.randn(8, 4, requires_grad=True), torch.randn(6, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    ma, mb = torch.rand(8) < 0.5, torch.rand(6, 3) < 0.5
+    opt = SparseAdamW([{"params": [a], "mask": ma}, {"params": [b, c], "mask": [mb, None], "lr": 0.5}], backend="torch")
+    assert opt.mask_of(a) is not None and opt.mask_of(b) is not None and opt.mask_of(c) is None
+    assert "mask" not in opt.param_groups[0] and opt.param_groups[1]["lr"] == 0.5
+    a.grad = torch.randn(8, 4)
+    opt.step()  # b, c have no grad: skipped like torch
+    assert opt.state_rows(a) == int(ma.sum()) and b not in opt.state and c not in opt.state
+
+
+def test_all_false_mask_keeps_no_state_and_writes_nothing():
+    p = torch.randn(10, 3, requires_grad=True)
+    w0 = p.detach().clone()
+    opt = SparseAdamW([p], lr=0.1, weight_decay=0.5, masks={p: torch.zeros(10, dtype=torch.bool)}, backend="torch")
+    p.grad = torch.randn(10, 3)
+    opt.step()
+    assert torch.equal(p.detach(), w0) and opt.state[p]["exp_avg"].numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)])
+def test_state_dict_round_trip_is_exact(backend, dtype, master):
+    torch.manual_seed(7)
+    w0 = torch.randn(24, 10).to(dtype)
+    mask = torch.rand(24) < 0.4
+    grads = [torch.randn(24, 10).to(dtype) for _ in range(5)]
+
+    def make(w):
+        p = w.clone().requires_grad_()
+        return p, SparseAdamW([p], lr=1e-2, weight_decay=0.1, masks={p: mask}, master_weights=master, amsgrad=True,
+                              backend=backend)
+
+    p1, o1 = make(w0)
+    for gr in grads[:2]:
+        p1.grad = gr.clone()
+        o1.step()
+    sd = o1.state_dict()
+    p2, o2 = make(p1.detach())
+    o2.load_state_dict(sd)
+    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") + (("master",) if master else ()):
+        assert o2.state[p2][k].dtype == torch.float32  # not cast to the param's dtype
+        assert torch.equal(o2.state[p2][k], o1.state[p1][k])
+    for gr in grads[2:]:
+        p1.grad, p2.grad = gr.clone(), gr.clone()
+        o1.step()
+        o2.step()
+    assert torch.equal(p1, p2)
+    assert torch.equal(o1.state[p1]["exp_avg"], o2.state[p2]["exp_avg"])
+
+
+def test_changing_a_mask_migrates_state_of_rows_that_stay():
+    torch.manual_seed(8)
+    p = torch.randn(12, 5, requires_grad=True)
+    old = torch.zeros(12, dtype=torch.bool)
+    old[[1, 2, 3, 7]] = True
+    new = torch.zeros(12, dtype=torch.bool)
+    new[[2, 3, 9]] = True
+    opt = SparseAdamW([p], lr=1e-2, masks={p: old}, backend="torch")
+    p.grad = torch.randn(12, 5)
+    opt.step()
+    m_old = opt.state[p]["exp_avg"].clone()  # rows 1, 2, 3, 7
+    sd_old = opt.state_dict()
+    opt.set_mask(p, new)
+    m_new = opt.state[p]["exp_avg"]
+    assert m_new.shape == (3, 5)
+    assert torch.equal(m_new[0], m_old[1]) and torch.equal(m_new[1], m_old[2])  # rows 2, 3 carried over
+    assert torch.all(m_new[2] == 0)  # row 9 starts from zero moments
+    # loading a state saved under the old mask into an optimizer with the new mask migrates the same way
+    q = p.detach().clone().requires_grad_()
+    opt2 = SparseAdamW([q], lr=1e-2, masks={q: new}, backend="torch")
+    opt2.load_state_dict(sd_old)
+    assert torch.equal(opt2.state[q]["exp_avg"], m_new)
+
+
+def test_bad_masks_raise_clear_errors():
+    p = torch.randn(6, 4, requires_grad=True)
+    stranger = torch.randn(6, 4, requires_grad=True)
+    with pytest.raises(TypeError, match="torch.bool"):
+        SparseAdamW([p], masks={p: torch.ones(6)})
+    with pytest.raises(ValueError, match=r"shape \(6,\) \(rows\) or \(6, 4\)"):
+        SparseAdamW([p], masks={p: torch.ones(5, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="is on meta"):
+        SparseAdamW([p], masks={p: torch.ones(6, dtype=torch.bool, device="meta")})
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        SparseAdamW([p], masks={stranger: torch.ones(6, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="masks must be a dict"):
+        SparseAdamW([p], masks=[torch.ones(6, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="one mask"):
+        SparseAdamW([{"params": [p, stranger], "mask": torch.ones(6, dtype=torch.bool)}])
+    with pytest.raises(ValueError, match="betas"):
+        SparseAdamW([p], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="backend"):
+        SparseAdamW([p], backend="cuda")
+
+
+@pytest.mark.parametrize("pdtype,gdtype,master,amsgrad,element", [
+    (torch.float32, torch.float32, False, False, False),
+    (torch.float32, torch.float32, False, True, True),
+    (torch.bfloat16, torch.bfloat16, True, False, True),
+    (torch.bfloat16, torch.bfloat16, False, True, False),
+    (torch.float16, torch.float16, True, True, False),
+])
+@pytest.mark.skipif(not _native.available(), reason="native library not built")
+def test_native_matches_reference(pdtype, gdtype, master, amsgrad, element):
+    # big enough for several OpenMP chunks (16384 elements) with segments that straddle chunk edges
+    g = torch.Generator().manual_seed(9)
+    shape = (700, 130)
+    w0 = torch.randn(shape, generator=g).to(pdtype)
+    mask = (torch.rand(shape, generator=g) < 0.05) if element else (torch.rand(shape[0], generator=g) < 0.45)
+    out = {}
+    for backend in ("torch", "native"):
+        p = w0.clone().requires_grad_()
+        opt = SparseAdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, masks={p: mask}, master_weights=master,
+                          backend=backend)
+        gg = torch.Generator().manual_seed(10)
+        for _ in range(3):
+            p.grad = torch.randn(shape, generator=gg).to(gdtype)
+            opt.step()
+        out[backend] = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    (pr, sr), (pn, sn) = out["torch"], out["native"]
+    sel = mask if element else mask[:, None].expand(shape)
+    assert torch.equal(pn[~sel], w0[~sel])
+    for k in sr:
+        if k != "step":
+            torch.testing.assert_close(sn[k], sr[k], atol=1e-6, rtol=1e-5)
+    if pdtype == torch.float32:
+        torch.testing.assert_close(pn, pr, atol=1e-6, rtol=1e-5)
+    else:  # fp32 values one ulp apart may round to neighbouring low-precision values
+        torch.testing.assert_close(pn.float(), pr.float(), atol=1e-3, rtol=1e-2)
+
+
+def test_missing_native_library_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_native, "_loaded", True)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", "no allo_kernels/_native*.so found (test)")
+    monkeypatch.setattr(sa_mod, "_warned_no_native", False)
+    monkeypatch.delenv("ALLO_KERNELS_BACKEND", raising=False)
+    torch.manual_seed(11)
+    p = torch.randn(8, 3, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt = SparseAdamW([p], lr=1e-2, weight_decay=0.01, backend="native")
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.01)
+    p.grad = torch.randn(8, 3)
+    q.grad = p.grad.clone()
+    with pytest.warns(RuntimeWarning, match="native CPU library .* not available"):
+        opt.step()
+    ref.step()
+    assert torch.equal(p, q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # warned once only
