@@ -1,0 +1,478 @@
+"""One config for the whole ALLO pipeline: YAML mapped onto dataclasses, command-line overrides on top.
+
+Field names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a TRL name exists (``beta``, ``learning_rate``,
+``per_device_train_batch_size``, ...), so a TRL YAML mostly loads as is. Layout::
+
+    model_name_or_path: ...          # top level: TrainConfig (shared defaults)
+    learning_rate: 5.0e-6
+    pipeline: {stages: [warmup, locate, forget, improve]}
+    warmup:  {data_path: pref.jsonl}
+    locate:  {importance: delta, granularity: element, ratio: 0.05}
+    forget:  {data_path: forget.jsonl, token_weight_source: corrected, learning_rate: 5.0e-7}
+    improve: {data_path: pref.jsonl, mask_fraction: 0.1}
+
+Stage sections (``sft``, ``correct``, ``warmup``, ``forget``, ``improve``) carry the training fields of
+:class:`StageTrainingArgs`; any of them left at ``None`` takes the top-level value when the config is loaded, so after
+:func:`load_config` every stage field holds a concrete value. ``forget.ratio`` / ``improve.ratio`` default to
+``locate.ratio``.
+
+Overrides (:func:`parse_overrides`): ``--key value``, ``--key=value`` or ``key=value``; dotted keys reach into
+sections (``improve.mask_fraction=0.2``). Values are parsed as YAML (``true``, ``0.2``, ``[a, b]``, ``null``).
+
+Unknown keys and bad values raise ``ValueError`` naming the dotted key and the value received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+STAGES = ("sft", "correct", "warmup", "locate", "forget", "improve")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*.ln_*", "*ln_f*", "lm_head*", "*.lm_head*")
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Stage sections
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageTrainingArgs:
+    """Training fields every training stage has; ``None`` means "take the top-level value"."""
+
+    data_path: Optional[str] = None
+    learning_rate: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    per_device_train_batch_size: Optional[int] = field(default=None, metadata=_range(1))
+    gradient_accumulation_steps: Optional[int] = field(default=None, metadata=_range(1))
+    num_train_epochs: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    max_steps: Optional[int] = field(default=None, metadata=_range(-1))
+    warmup_ratio: Optional[float] = field(default=None, metadata=_range(0, 1))
+    lr_scheduler_type: Optional[str] = field(default=None, metadata=_choices(*LR_SCHEDULERS))
+    weight_decay: Optional[float] = field(default=None, metadata=_range(0))
+    max_grad_norm: Optional[float] = field(default=None, metadata=_range(0))
+    max_length: Optional[int] = field(default=None, metadata=_range(2))
+    max_prompt_length: Optional[int] = field(default=None, metadata=_range(1))
+    logging_steps: Optional[int] = field(default=None, metadata=_range(1))
+    save_steps: Optional[int] = field(default=None, metadata=_range(1))
+    eval_fraction: Optional[float] = field(default=None, metadata=_range(0, 1, hi_open=True))
+    eval_steps: Optional[int] = field(default=None, metadata=_range(1))
+
+
+@dataclass
+class SFTStageConfig(StageTrainingArgs):
+    """Supervised fine-tuning on prompt-completion JSONL (TRL format: {"prompt", "completion"})."""
+
+    completion_field: str = "completion"  # set to "chosen" to SFT on the chosen side of a preference file
+
+
+@dataclass
+class CorrectStageConfig(StageTrainingArgs):
+    """Aligner-style corrector training on {"question", "answer", "correction"} JSONL."""
+
+    # Share of the examples first trained as answer -> answer identity pairs (Aligner's warm-up; the paper uses 0.2).
+    identity_warmup_fraction: float = field(default=0.0, metadata=_range(0, 1))
+
+
+@dataclass
+class WarmupStageConfig(StageTrainingArgs):
+    """Full-parameter DPO on preference JSONL; its result is theta_warm for ``locate``."""
+
+    beta: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    loss_type: Optional[str] = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
+    label_smoothing: Optional[float] = field(default=None, metadata=_range(0, 0.5))
+
+
+@dataclass
+class LocateStageConfig:
+    """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate)."""
+
+    importance: str = field(default="delta", metadata=_choices("delta", "grad"))
+    divide_by_lr: bool = False  # "delta": |theta_warm - theta_start| / learning_rate of the warm-up
+    granularity: str = field(default="element", metadata=_choices("element", "row", "layer"))
+    ratio: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
+    scope: str = field(default="global", metadata=_choices("global", "per_matrix"))
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    start_model: Optional[str] = None  # None: model_name_or_path
+    warm_model: Optional[str] = None  # None: the warm-up stage's output
+    data_path: Optional[str] = None  # "grad": preference data whose DPO gradients are accumulated; None: warmup's
+    grad_num_batches: int = field(default=16, metadata=_range(1))
+
+
+@dataclass
+class ForgetStageConfig(StageTrainingArgs):
+    """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
+
+    ratio: Optional[float] = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
+    token_weight_source: str = field(default="token_weights", metadata=_choices("token_weights", "corrected", "scoring_model"))
+    scoring_model: Optional[str] = None  # required when token_weight_source == "scoring_model"
+    beta: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+
+
+@dataclass
+class ImproveStageConfig(StageTrainingArgs):
+    """ALLO improving: DPO whose rejected side masks a fraction of tokens, updating only the located neurons."""
+
+    ratio: Optional[float] = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
+    mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
+    mask_by: str = field(default="highest", metadata=_choices("highest", "lowest"))
+    mask_scope: str = field(default="sequence", metadata=_choices("sequence", "batch"))
+    beta: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    loss_type: Optional[str] = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
+    label_smoothing: Optional[float] = field(default=None, metadata=_range(0, 0.5))
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["warmup", "locate", "forget", "improve"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Top level
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    model_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None  # None: model_name_or_path
+    trust_remote_code: bool = False
+    output_dir: str = "outputs"
+    seed: int = 42
+
+    # Shared training defaults (TRL names); stage sections inherit them.
+    beta: float = field(default=0.1, metadata=_range(0, lo_open=True))
+    loss_type: str = field(default="sigmoid", metadata=_choices(*DPO_LOSS_TYPES))
+    label_smoothing: float = field(default=0.0, metadata=_range(0, 0.5))
+    learning_rate: float = field(default=5e-6, metadata=_range(0, lo_open=True))
+    per_device_train_batch_size: int = field(default=1, metadata=_range(1))
+    per_device_eval_batch_size: int = field(default=1, metadata=_range(1))
+    gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
+    num_train_epochs: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    max_steps: int = field(default=-1, metadata=_range(-1))  # -1: run num_train_epochs
+    warmup_ratio: float = field(default=0.0, metadata=_range(0, 1))
+    lr_scheduler_type: str = field(default="linear", metadata=_choices(*LR_SCHEDULERS))
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0))  # 0: no clipping
+    max_length: int = field(default=1024, metadata=_range(2))
+    max_prompt_length: int = field(default=512, metadata=_range(1))
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: Union[str, dict, None] = None  # path to a DeepSpeed JSON/YAML, or the config inline
+    logging_steps: int = field(default=10, metadata=_range(1))
+    save_steps: int = field(default=500, metadata=_range(1))
+    save_total_limit: Optional[int] = field(default=2, metadata=_range(1))
+    eval_fraction: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # held-out share, split by seed
+    eval_steps: Optional[int] = field(default=None, metadata=_range(1))  # None: logging_steps
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    resume_from_checkpoint: Union[bool, str] = False  # True: the latest complete checkpoint in the stage dir
+
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    correct: CorrectStageConfig = field(default_factory=CorrectStageConfig)
+    warmup: WarmupStageConfig = field(default_factory=WarmupStageConfig)
+    locate: LocateStageConfig = field(default_factory=LocateStageConfig)
+    forget: ForgetStageConfig = field(default_factory=ForgetStageConfig)
+    improve: ImproveStageConfig = field(default_factory=ImproveStageConfig)
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where a stage writes its outputs (checkpoints, final model, masks, metrics): ``output_dir/<stage>``."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        return Path(self.output_dir) / stage
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+_KEY_VALUE = re.compile(r"^[A-Za-z_][\w.-]*=")  # a "key=value" token is never the value of a preceding "--flag"
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``["--lr", "1e-5", "improve.mask_fraction=0.2", "--bf16"]`` -> ``{"lr": 1e-5, "improve.mask_fraction": 0.2,
+    "bf16": True}``. Values are YAML-parsed; a ``--flag`` followed by another option, a ``key=value`` token or
+    nothing means ``true``.
+    Dashes inside keys become underscores (``--max-length`` == ``--max_length``)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+                i += 1
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and not _KEY_VALUE.match(argv[i + 1]):
+                key, raw = body, argv[i + 1]
+                i += 2
+            else:
+                key, raw = body, "true"
+                i += 1
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+            i += 1
+        else:
+            raise ValueError(f"override {arg!r} is neither '--key value', '--key=value' nor 'key=value'")
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise ValueError(f"override {arg!r} has an empty key")
+        out[key] = _parse_scalar(raw)
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML or JSON; None: all defaults), apply ``overrides`` (argv-style list or {dotted key: value}),
+    validate, and fill each stage's unset training fields from the top level."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top, got {type(loaded).__name__}")
+        raw = loaded
+    if overrides:
+        pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        for dotted, value in pairs.items():
+            _set_dotted(raw, dotted, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    cfg = _build(TrainConfig, raw, prefix="")
+    _resolve_and_check(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (reloads to an equal config)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def resolve_deepspeed_config(cfg: TrainConfig) -> dict | None:
+    """The ``deepspeed`` field as a dict: read from its JSON/YAML file when it is a path."""
+    ds = cfg.deepspeed
+    if ds is None or isinstance(ds, dict):
+        return ds
+    p = Path(ds)
+    if not p.is_file():
+        raise ValueError(f"config key 'deepspeed' names a file that does not exist: {ds!r}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        out = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"config key 'deepspeed': {ds!r} is not valid JSON/YAML: {e}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"config key 'deepspeed': {ds!r} must hold a mapping, got {type(out).__name__}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Internals: dict -> dataclass with type checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ValueError(f"config key {'.'.join(parts[: i + 1])!r} is not a section, cannot set {dotted!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, *, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config key {where!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"unknown config key {prefix + str(key)!r} (value {raw[key]!r}); known keys in {where}: {known}")
+    kwargs = {}
+    for name, value in raw.items():
+        dotted = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, prefix=dotted + ".")
+        else:
+            kwargs[name] = _check_value(dotted, _coerce(dotted, value, tp), fields[name].metadata)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(dotted: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ValueError(f"config key {dotted!r} must not be null")
+        # Exact type matches first so a bool stays a bool in Union[bool, str].
+        for opt in sorted((o for o in options if o is not type(None)), key=lambda o: not _exact(value, o)):
+            try:
+                return _coerce(dotted, value, opt)
+            except ValueError:
+                pass
+        raise ValueError(f"config key {dotted!r} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):  # a single string where a list is expected: accept as one item
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {dotted!r} must be a list, got {value!r}")
+        return [_coerce(f"{dotted}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {dotted!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"config key {dotted!r} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                out = float(value)
+            except ValueError:
+                raise ValueError(f"config key {dotted!r} must be a number, got {value!r}") from None
+        else:
+            raise ValueError(f"config key {dotted!r} must be a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ValueError(f"config key {dotted!r} must be finite, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {dotted!r} must be a string, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"config key {dotted!r} must be a mapping, got {value!r}")
+    raise TypeError(f"internal: no coercion for type {tp!r} of {dotted!r}")
+
+
+def _exact(value: Any, tp: Any) -> bool:
+    return isinstance(tp, type) and type(value) is tp
+
+
+def _check_value(dotted: str, value: Any, meta: Any) -> Any:
+    if value is None:
+        return value
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"config key {dotted!r} must be one of {list(meta['choices'])}, got {value!r}")
+    if "range" in meta:
+        lo, hi, lo_open, hi_open = meta["range"]
+        bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
+            hi is not None and (value > hi or (hi_open and value == hi))
+        )
+        if bad:
+            lo_s = "-inf" if lo is None else lo
+            hi_s = "inf" if hi is None else hi
+            interval = f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
+            raise ValueError(f"config key {dotted!r} must be in {interval}, got {value!r}")
+    return value
+
+
+_INHERITED = tuple(f.name for f in dataclasses.fields(StageTrainingArgs) if f.name != "data_path") + (
+    "beta",
+    "loss_type",
+    "label_smoothing",
+)
+
+
+def _resolve_and_check(cfg: TrainConfig) -> None:
+    for stage in ("sft", "correct", "warmup", "forget", "improve"):
+        section = getattr(cfg, stage)
+        for name in _INHERITED:
+            if hasattr(section, name) and getattr(section, name) is None:
+                inherited = getattr(cfg, name)
+                setattr(section, name, inherited)
+    for stage in ("forget", "improve"):
+        section = getattr(cfg, stage)
+        if section.ratio is None:
+            section.ratio = cfg.locate.ratio
+
+    for i, stage in enumerate(cfg.pipeline.stages):
+        if stage not in STAGES:
+            raise ValueError(f"config key 'pipeline.stages[{i}]' must be one of {list(STAGES)}, got {stage!r}")
+    if len(set(cfg.pipeline.stages)) != len(cfg.pipeline.stages):
+        raise ValueError(f"config key 'pipeline.stages' lists a stage twice: {cfg.pipeline.stages!r}")
+    for i, r in enumerate(cfg.report_to):
+        if r not in ("jsonl", "tensorboard", "none"):
+            raise ValueError(f"config key 'report_to[{i}]' must be 'jsonl', 'tensorboard' or 'none', got {r!r}")
+    for i, pattern in enumerate(cfg.locate.exclude):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ValueError(f"config key 'locate.exclude[{i}]' is not a valid regex: {pattern!r} ({e})") from None
+    for prefix, section in [("", cfg)] + [(s + ".", getattr(cfg, s)) for s in ("sft", "correct", "warmup", "forget", "improve")]:
+        if section.max_prompt_length >= section.max_length:
+            raise ValueError(
+                f"config key {prefix + 'max_prompt_length'!r} must be < {prefix + 'max_length'} "
+                f"({section.max_length}), got {section.max_prompt_length}"
+            )
+    if cfg.forget.token_weight_source == "scoring_model" and not cfg.forget.scoring_model:
+        raise ValueError(
+            "config key 'forget.scoring_model' must name a model when forget.token_weight_source is 'scoring_model', "
+            f"got {cfg.forget.scoring_model!r}"
+        )

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import yaml
+
+from allo_train import locate
+from allo_train.config import (
+    DEFAULT_EXCLUDE,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    resolve_deepspeed_config,
+    save_config,
+)
+
+
+def write_yaml(tmp_path, obj, name="cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(obj))
+    return p
+
+
+def test_defaults_resolve_stage_fields_from_top_level():
+    cfg = load_config()
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.pipeline.stages == ["warmup", "locate", "forget", "improve"]
+    for stage in ("sft", "correct", "warmup", "forget", "improve"):
+        section = getattr(cfg, stage)
+        assert section.learning_rate == cfg.learning_rate == 5e-6
+        assert section.max_length == 1024 and section.max_prompt_length == 512
+        assert section.per_device_train_batch_size == 1
+    assert cfg.warmup.beta == cfg.improve.beta == cfg.forget.beta == 0.1
+    assert cfg.improve.loss_type == "sigmoid"
+    assert cfg.forget.ratio == cfg.improve.ratio == cfg.locate.ratio == 0.05
+    assert cfg.locate.exclude == list(DEFAULT_EXCLUDE)
+    assert locate.DEFAULT_EXCLUDE == DEFAULT_EXCLUDE
+
+
+def test_yaml_stage_values_override_top_level_and_cli_overrides_yaml(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        {
+            "model_name_or_path": "m",
+            "learning_rate": 1.0e-5,
+            "beta": 0.2,
+            "forget": {"learning_rate": 5.0e-7, "token_weight_source": "corrected", "ratio": 0.1},
+            "improve": {"mask_fraction": 0.1},
+            "locate": {"ratio": 0.03, "granularity": "row"},
+            "deepspeed": {"zero_optimization": {"stage": 2}},
+        },
+    )
+    cfg = load_config(path, ["improve.mask_fraction=0.2", "--beta", "0.3", "--warmup.learning_rate=2e-6", "--bf16"])
+    assert cfg.model_name_or_path == "m"
+    assert cfg.improve.mask_fraction == 0.2
+    assert cfg.beta == 0.3 and cfg.improve.beta == 0.3 and cfg.warmup.beta == 0.3
+    assert cfg.forget.learning_rate == 5e-7  # stage value wins
+    assert cfg.warmup.learning_rate == 2e-6  # "2e-6" (a YAML string) is read as a float
+    assert cfg.improve.learning_rate == 1e-5
+    assert cfg.bf16 is True
+    assert cfg.forget.ratio == 0.1 and cfg.improve.ratio == 0.03  # N1 explicit, N2 from locate.ratio
+    assert cfg.locate.granularity == "row"
+    assert resolve_deepspeed_config(cfg) == {"zero_optimization": {"stage": 2}}
+
+
+def test_parse_overrides_forms():
+    got = parse_overrides(["--a", "1", "--b=x", "c.d=[1, 2]", "--flag", "e=null", "--max-length", "64", "--last"])
+    assert got == {"a": 1, "b": "x", "c.d": [1, 2], "flag": True, "e": None, "max_length": 64, "last": True}
+    with pytest.raises(ValueError, match="positional"):
+        parse_overrides(["positional"])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("improve.mask_fractio=0.2", "'improve.mask_fractio'"),
+        ("improve.mask_fraction=1.5", "'improve.mask_fraction' must be in [0, 1), got 1.5"),
+        ("locate.granularity=neuron", "'locate.granularity' must be one of ['element', 'row', 'layer'], got 'neuron'"),
+        ("locate.scope=local", "'locate.scope'"),
+        ("learning_rate=abc", "'learning_rate' must be a number, got 'abc'"),
+        ("learning_rate=0", "'learning_rate' must be in (0, inf), got 0.0"),
+        ("per_device_train_batch_size=1.5", "'per_device_train_batch_size' must be an integer, got 1.5"),
+        ("gradient_checkpointing=3", "'gradient_checkpointing' must be true or false, got 3"),
+        ("pipeline.stages=[warmup, polish]", "'pipeline.stages[1]'"),
+        ("pipeline.stages=[warmup, warmup]", "'pipeline.stages' lists a stage twice"),
+        ("improve.loss_type=kto", "'improve.loss_type'"),
+        ("forget.token_weight_source=scoring_model", "'forget.scoring_model'"),
+        ("warmup.max_prompt_length=2048", "'warmup.max_prompt_length' must be < warmup.max_length (1024), got 2048"),
+        ("deepspeed=3", "'deepspeed'"),
+        ("locate.exclude=['re:(']", "'locate.exclude[0]'"),
+        ("nosuch=1", "'nosuch'"),
+        ("improve.mask_fraction.x=1", "'improve.mask_fraction' must be a number"),
+        ("forget=3", "'forget' must be a mapping"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, fragment):
+    with pytest.raises(ValueError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_in_yaml_section(tmp_path):
+    path = write_yaml(tmp_path, {"locate": {"ratoi": 0.1}})
+    with pytest.raises(ValueError, match=r"unknown config key 'locate.ratoi' \(value 0.1\)"):
+        load_config(path)
+
+
+def test_missing_and_non_mapping_config_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(bad)
+
+
+def test_deepspeed_path_is_read_and_missing_path_is_named(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, {"deepspeed": str(ds)})
+    assert resolve_deepspeed_config(cfg)["zero_optimization"]["stage"] == 3
+    cfg = load_config(None, {"deepspeed": str(tmp_path / "missing.json")})
+    with pytest.raises(ValueError, match="'deepspeed'.*missing.json"):
+        resolve_deepspeed_config(cfg)
+
+
+def test_saved_config_reloads_equal(tmp_path):
+    cfg = load_config(None, ["locate.exclude=['re:^model\\.embed', '*.bias']", "resume_from_checkpoint=true", "seed=7"])
+    assert cfg.locate.exclude == ["re:^model\\.embed", "*.bias"]
+    assert cfg.resume_from_checkpoint is True
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert cfg.stage_dir("forget") == tmp_path.__class__("outputs") / "forget"
