@@ -302,3 +302,26 @@ def test_missing_native_library_warns_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()  # warned once only
+
+
+def test_zero_param_groups_drops_all_false_masks_and_frozen_only_groups():
+    from allo_kernels.optim import zero_param_groups
+
+    a, b, c = (torch.randn(4, 3, requires_grad=True) for _ in range(3))
+    frozen = torch.randn(2, requires_grad=False)
+    groups = [{"params": [a, b], "weight_decay": 0.1},
+              {"params": [c], "mask": torch.zeros(4, dtype=torch.bool)},  # all-false mask: the whole group goes
+              {"params": [frozen]}]
+    out, masks = zero_param_groups(groups, {b: torch.zeros(4, 3, dtype=torch.bool), a: torch.tensor([1, 0, 1, 0]).bool()})
+    assert len(out) == 1 and out[0]["params"] == [a] and out[0]["weight_decay"] == 0.1
+    assert list(masks) == [a]
+    assert not b.requires_grad and not c.requires_grad
+    opt = SparseAdamW(out, masks=masks, backend="torch")  # accepted as is
+    assert opt.mask_of(a) is not None
+
+
+def test_bind_requires_deepspeed_engine_shapes():
+    p = torch.randn(4, 3, requires_grad=True)
+    opt = SparseAdamW([p], masks={p: torch.ones(4, dtype=torch.bool)}, backend="torch")
+    with pytest.raises(RuntimeError, match="bind"):
+        opt.export_state()
