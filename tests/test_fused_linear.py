@@ -193,3 +193,17 @@ def test_gpu_bf16_realistic():
     ref, gh, gw, _ = reference(hidden, weight, None, labels, g)
     torch.testing.assert_close(out.detach(), ref, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(w.grad.float(), gw, atol=5e-2, rtol=5e-2)
+
+
+def test_zero3_partitioned_frozen_weight(backend):
+    backend("triton")
+    hidden, weight, _, labels = make(torch.float32, V=40)
+    w = make_zero3(weight)
+    w.requires_grad_(False)
+    h = hidden.clone().requires_grad_()
+    out = ak.fused_linear_token_logprobs(h, w, labels, chunk_size=4)
+    g = torch.randn(labels.shape)
+    out.backward(g)
+    assert w.gathers == 2 and w.numel() == 0 and w.grad is None
+    _, gh, _, _ = reference(hidden, weight, None, labels, g)
+    torch.testing.assert_close(h.grad, gh, **TOL[torch.float32])

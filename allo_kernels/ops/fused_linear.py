@@ -79,19 +79,21 @@ def gathered(*params: torch.Tensor | None):
             p.partition()
 
 
-def _gather_for_backward(*params: torch.Tensor | None) -> None:
+def _gather_for_backward(*params: torch.Tensor | None) -> list[torch.Tensor]:
     """Gather ZeRO-3 partitions for the backward and release them only after autograd accumulated their gradient.
 
     Autograd checks the returned gradient against the parameter's full shape when it accumulates it, and DeepSpeed's
     reduce hook (registered at initialize, so it runs first) reads it there; our own post-hook on the same
-    AccumulateGrad node then partitions the parameter again. A parameter without a gradient is released at once.
+    AccumulateGrad node then partitions the parameter again. Returns the parameters without a gradient (frozen),
+    which the caller releases itself when the backward is done.
     """
+    release_now = []
     for p in params:
         if not _is_zero3_partitioned(p):
             continue
         p.all_gather()
         if not p.requires_grad:
-            p.partition()
+            release_now.append(p)
             continue
         if getattr(p, "_allo_grad_acc", None) is None:
             with torch.enable_grad():  # backward runs with grad mode off; the node lookup needs a graph
@@ -105,6 +107,7 @@ def _gather_for_backward(*params: torch.Tensor | None) -> None:
             acc.register_hook(release)
             p._allo_grad_acc = acc  # keep the node (and its hook) alive, as DeepSpeed does for its own hooks
         p._allo_release_pending = True
+    return release_now
 
 
 # --------------------------------------------------------------------------------------------------------- the chunks
@@ -190,7 +193,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
-        _gather_for_backward(weight, bias)
+        release = _gather_for_backward(weight, bias)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for start in range(0, n, opts.chunk_size):
@@ -214,6 +217,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             del z, dz
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        for p in release:
+            p.partition()
         return grad_h, grad_w, grad_b, None, None
 
 

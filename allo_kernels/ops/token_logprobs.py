@@ -266,11 +266,12 @@ def token_logprobs_reference(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, temperature: float = 1.0
 ) -> torch.Tensor:
     """Plain-torch ground truth (and CPU fallback): fp32 log-softmax, gather, zeros at ignored positions."""
-    x = logits.float() / temperature
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    target = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = target - torch.logsumexp(x, dim=-1)
+    logp = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp))
 
 

@@ -1,0 +1,129 @@
+"""DeepSpeed set-up: process group, the engine's config, SparseAdamW bound to the engine, and the LR schedule.
+
+Launch with the ``deepspeed`` launcher or ``torchrun`` (they set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT); a
+plain ``allo-train`` call runs as a single rank on 127.0.0.1. Without CUDA the gloo backend and DeepSpeed's CPU
+accelerator are used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+
+import torch
+
+_DS_OWNED_KEYS = ("optimizer", "scheduler")
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise the process group once; return (rank, world_size, device)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_loopback_port()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(user: dict | None, *, micro_batch_size: int, gradient_accumulation_steps: int,
+                     max_grad_norm: float, bf16: bool) -> dict:  # fmt: skip
+    """The user's DeepSpeed config with the training fields that allo_train owns filled in.
+
+    allo_train passes its own optimizer (SparseAdamW) and schedule, so an "optimizer"/"scheduler" section in the
+    user's file is an error rather than something silently ignored; "auto" values (HF style) are replaced.
+    """
+    ds = copy.deepcopy(user or {})
+    for key in _DS_OWNED_KEYS:
+        if key in ds:
+            raise ValueError(f"deepspeed.{key} is not supported: allo_train uses SparseAdamW and its own LR schedule "
+                             "(set learning_rate / lr_scheduler_type / weight_decay in the allo config instead)")
+    ds.setdefault("zero_optimization", {"stage": 0})
+    ds.pop("train_batch_size", None)
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds["gradient_accumulation_steps"] = gradient_accumulation_steps
+    ds["gradient_clipping"] = float(max_grad_norm)
+    if bf16:
+        ds["bf16"] = {**(ds.get("bf16") if isinstance(ds.get("bf16"), dict) else {}), "enabled": True}
+    elif isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
+        ds["bf16"]["enabled"] = False
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") == "auto":
+        ds["fp16"]["enabled"] = False
+    ds["zero_allow_untested_optimizer"] = True  # SparseAdamW is a client optimizer
+    ds["zero_force_ds_cpu_optimizer"] = False  # ...that also runs the offloaded step (native CPU kernel)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def lr_lambda(kind: str, *, total_steps: int, warmup_steps: int):
+    def fn(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+    return fn
+
+
+def initialize(module: torch.nn.Module, *, ds_config: dict, learning_rate: float, weight_decay: float,
+               masks: dict[str, torch.Tensor] | None, lr_scheduler_type: str, total_steps: int,
+               warmup_steps: int):  # fmt: skip
+    """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine.
+
+    masks: {parameter name: bool mask} (names as in ``module.named_parameters()``). Parameters whose mask selects
+    nothing are frozen (requires_grad=False), so ZeRO keeps no fp32 master, gradient or state for them at all;
+    parameters without a mask are trained densely. Returns the engine.
+    """
+    import deepspeed
+
+    from allo_kernels import SparseAdamW
+
+    params, param_masks = [], {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        mask = None if masks is None else masks.get(name)
+        if mask is not None and not bool(mask.any()):
+            p.requires_grad_(False)
+            continue
+        params.append(p)
+        if mask is not None and not bool(mask.all()):
+            param_masks[p] = mask.to(p.device)
+    if not params:
+        raise ValueError("the masks select no parameter at all: nothing to train (check locate.ratio / exclude)")
+    optimizer = SparseAdamW(params, lr=learning_rate, weight_decay=weight_decay, masks=param_masks or None)
+    schedule = lr_lambda(lr_scheduler_type, total_steps=total_steps, warmup_steps=warmup_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    optimizer.bind(engine)
+    return engine

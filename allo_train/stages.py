@@ -1,0 +1,475 @@
+"""The stages of the pipeline, each one readable top to bottom.
+
+    sft / correct   cross-entropy on responses (Aligner: on corrections of {question, answer})
+    warmup          full-parameter DPO; its weight change locates the neurons
+    locate          importance -> masks (element / row / layer), stats, heatmap
+    forget          ALLO token-weighted NPO on the selected neurons (ratio N1)
+    improve         ALLO masked DPO on the selected neurons (ratio N2), top-percentile token masking
+
+Every training stage reads a model directory, trains it with DeepSpeed (SparseAdamW bound to the engine, losses on
+hidden states through the fused-linear kernels, reference log-probs from the on-disk cache), checkpoints atomically
+every ``save_steps`` and writes ``<output_dir>/<stage>/model`` (weights, tokenizer, masks) at the end.
+
+Model flow: ``base`` = the sft output when sft is in the pipeline, else ``model_name_or_path``. warmup trains
+``base``; locate compares ``base`` with the warm-up result; forget trains ``base`` on the located neurons; improve
+trains the forget result (or ``base``) on its neurons. Each stage's reference is its own starting model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import allo_kernels as ak
+
+from . import data as D
+from .checkpoint import CheckpointManager
+from .config import TrainConfig, resolve_deepspeed_config
+from .engine import deepspeed_config, init_distributed, initialize
+from .locate import SafetensorsState, delta_importance, load_importance, locate, save_importance, select_masks
+from .metrics import MetricsLogger, plot_loss_curves
+from .model import PolicyHiddenStates, load_causal_lm, save_pretrained_atomic
+from .refcache import cache_key, compute_or_load
+
+TRAINING_STAGES = ("sft", "correct", "warmup", "forget", "improve")
+CRASH_ENV = "ALLO_TRAIN_CRASH_AFTER"  # test hook "<stage>:<step>": hard-exit after that optimizer step (a kill)
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cfg.bf16 else torch.float32
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------- model flow
+def model_dir(cfg: TrainConfig, stage: str) -> Path:
+    return cfg.stage_dir(stage) / "model"
+
+
+def base_model_dir(cfg: TrainConfig) -> Path:
+    if "sft" in cfg.pipeline.stages:
+        return model_dir(cfg, "sft")
+    if cfg.model_name_or_path is None:
+        raise ValueError("config key 'model_name_or_path' is required (a local Hugging Face model directory)")
+    return Path(cfg.model_name_or_path)
+
+
+def input_model_dir(cfg: TrainConfig, stage: str) -> Path:
+    if stage in ("sft", "correct"):
+        if cfg.model_name_or_path is None:
+            raise ValueError("config key 'model_name_or_path' is required (a local Hugging Face model directory)")
+        return Path(cfg.model_name_or_path)
+    if stage == "improve" and "forget" in cfg.pipeline.stages:
+        return model_dir(cfg, "forget")
+    return base_model_dir(cfg)
+
+
+def load_tokenizer(cfg: TrainConfig, model_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(cfg.tokenizer_name_or_path or model_path))
+
+
+# ----------------------------------------------------------------------------------------------------- batches
+def _pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        n = min(length, r.numel())
+        out[i, :n] = r[:n]
+    return out
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[int, dict]:
+        return i, self.features[i]
+
+
+@dataclass
+class _Collate:
+    """The stage's collator plus the cached per-row reference log-probs ([B, T-1], aligned with labels[:, 1:])."""
+
+    collator: Callable
+    ref_rows: list[torch.Tensor] | None
+    paired: bool  # preference rows: [chosen; rejected]
+
+    def __call__(self, items: list[tuple[int, dict]]) -> dict:
+        idx = [i for i, _ in items]
+        batch = self.collator([f for _, f in items])
+        if self.ref_rows is not None:
+            order = [2 * i for i in idx] + [2 * i + 1 for i in idx] if self.paired else idx
+            batch["ref_logprobs"] = _pad_rows([self.ref_rows[j] for j in order], batch["input_ids"].shape[1] - 1)
+        return batch
+
+
+def _rows_of(features: list[dict], paired: bool) -> list[dict]:
+    """One {input_ids, labels} per sequence (chosen, rejected interleaved for preference features)."""
+    if not paired:
+        return [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+    rows = []
+    for f in features:
+        rows.append({"input_ids": f["chosen_input_ids"], "labels": f["chosen_labels"]})
+        rows.append({"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+def _policy(engine, batch: dict, device: torch.device):
+    ids = batch["input_ids"].to(device)
+    hidden = engine(ids, batch["attention_mask"].to(device))
+    head = engine.module.lm_head
+    return hidden[:, :-1], head.weight, head.bias, batch["labels"][:, 1:].to(device)
+
+
+def sequence_logprobs(engine, batch: dict, device: torch.device) -> torch.Tensor:
+    hidden, weight, bias, labels = _policy(engine, batch, device)
+    return ak.fused_linear_token_logprobs(hidden, weight, labels, bias=bias)
+
+
+def make_loss(stage: str, cfg: TrainConfig, device: torch.device) -> Callable:
+    args = getattr(cfg, stage)
+
+    def sft(engine, batch):
+        hidden, weight, bias, labels = _policy(engine, batch, device)
+        logp = ak.fused_linear_token_logprobs(hidden, weight, labels, bias=bias)
+        return ak.losses.sft_loss(logp, labels != -100)
+
+    def preference(engine, batch):
+        hidden, weight, bias, labels = _policy(engine, batch, device)
+        masking = {}
+        if stage == "improve":
+            masking = dict(mask_fraction=args.mask_fraction, mask_by=args.mask_by, mask_scope=args.mask_scope,
+                           mask_side="rejected")  # fmt: skip
+        return ak.preference_loss(
+            hidden, labels, lm_head_weight=weight, lm_head_bias=bias,
+            ref_logprobs=batch["ref_logprobs"].to(device), beta=args.beta, loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing, **masking,
+        )  # fmt: skip
+
+    def forget(engine, batch):
+        hidden, weight, bias, labels = _policy(engine, batch, device)
+        return ak.forgetting_loss(
+            hidden, labels, lm_head_weight=weight, lm_head_bias=bias, ref_logprobs=batch["ref_logprobs"].to(device),
+            weights=batch["token_weights"][:, 1:].to(device), beta=args.beta,
+        )  # fmt: skip
+
+    return {"sft": sft, "correct": sft, "warmup": preference, "improve": preference, "forget": forget}[stage]
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, forget_scorer: Callable | None = None):
+    """Tokenised (train, eval) features, the collator and whether rows are [chosen; rejected] pairs."""
+    args = getattr(cfg, stage)
+    if args.data_path is None:
+        raise ValueError(f"config key '{stage}.data_path' is required for the {stage} stage")
+    lengths = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    pad = D.pad_token_id_of(tokenizer)
+    if stage in ("warmup", "improve"):
+        feats = D.tokenize_preference(D.load_preference_jsonl(args.data_path), tokenizer, **lengths)
+        collator, paired = D.PreferenceCollator(pad), True
+    elif stage == "forget":
+        examples = D.load_forgetting_jsonl(args.data_path, token_weight_source=args.token_weight_source)
+        feats = D.tokenize_forgetting(examples, tokenizer, **lengths)
+        if args.token_weight_source == "scoring_model":
+            feats = forget_scorer(examples, feats) if forget_scorer is not None else feats
+        collator, paired = D.ForgettingCollator(pad), False
+    elif stage == "sft":
+        feats = D.tokenize_sft(D.load_sft_jsonl(args.data_path, completion_field=args.completion_field), tokenizer,
+                               **lengths)  # fmt: skip
+        collator, paired = D.SFTCollator(pad), False
+    elif stage == "correct":
+        examples = D.load_correction_jsonl(args.data_path)
+        examples = examples + D.identity_warmup_examples(examples, fraction=args.identity_warmup_fraction,
+                                                         seed=cfg.seed)  # fmt: skip
+        feats = D.tokenize_correction(examples, tokenizer, **lengths)
+        collator, paired = D.SFTCollator(pad), False
+    else:
+        raise ValueError(f"unknown training stage {stage!r}")
+    train, held_out = D.train_eval_split(feats, eval_fraction=args.eval_fraction, seed=cfg.seed)
+    return train, held_out, collator, paired
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def _final_state_dict(engine) -> dict | None:
+    """Full weights of the wrapped causal LM on rank 0 (ZeRO-3 partitions are gathered); None on other ranks."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    if sd is None:
+        return None
+    return {k[len("lm."):]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
+
+
+def _reduce_metrics(sums: dict[str, float], count: int, world_size: int, device: torch.device) -> dict[str, float]:
+    """Mean over every counted batch of every rank (sums and counts are all-reduced; keys agree across ranks)."""
+    keys = sorted(sums)
+    vec = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64, device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(vec)
+    total = max(vec[-1].item(), 1.0)
+    return {k: v / total for k, v in zip(keys, vec[:-1].tolist())}
+
+
+def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None,
+                forget_scorer: Callable | None = None) -> Path:  # fmt: skip
+    cfg, args = run.cfg, getattr(run.cfg, stage)
+    in_dir, out_dir, stage_dir = input_model_dir(cfg, stage), model_dir(cfg, stage), cfg.stage_dir(stage)
+    tokenizer = load_tokenizer(cfg, in_dir)
+    train, held_out, collator, paired = load_stage_features(stage, cfg, tokenizer, forget_scorer=forget_scorer)
+    if not train:
+        raise ValueError(f"{stage}.data_path {args.data_path!r} holds no training example")
+
+    lm = load_causal_lm(in_dir, dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    module = PolicyHiddenStates(lm)
+    named_masks = None if masks is None else {f"lm.{k}": v for k, v in masks.items()}
+
+    bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    sampler = D.ResumableSampler(len(train), seed=cfg.seed, rank=run.rank, world_size=run.world_size)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / bs / ga))
+    total = args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    ds = deepspeed_config(resolve_deepspeed_config(cfg), micro_batch_size=bs, gradient_accumulation_steps=ga,
+                          max_grad_norm=args.max_grad_norm, bf16=cfg.bf16)  # fmt: skip
+    engine = initialize(module, ds_config=ds, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                        masks=named_masks, lr_scheduler_type=args.lr_scheduler_type, total_steps=total,
+                        warmup_steps=int(args.warmup_ratio * total))  # fmt: skip
+
+    # Reference per-token log-probs of the starting policy, cached on disk (none for SFT).
+    ref_rows = held_ref = None
+    if stage in ("warmup", "improve", "forget"):
+        rows = _rows_of(train + held_out, paired)
+        row_collator = D.SFTCollator(D.pad_token_id_of(tokenizer))
+
+        def score(batch_rows: list[dict]) -> list[torch.Tensor]:
+            batch = row_collator(batch_rows)
+            with torch.no_grad():
+                logp = sequence_logprobs(engine, batch, run.device)
+            return [logp[i, : len(r["input_ids"]) - 1] for i, r in enumerate(batch_rows)]
+
+        key = cache_key(data_path=args.data_path, model_dir=in_dir,
+                        settings={"stage": stage, "max_length": args.max_length, "eval_fraction": args.eval_fraction,
+                                  "max_prompt_length": args.max_prompt_length, "seed": cfg.seed,
+                                  "dtype": str(run.dtype)})  # fmt: skip
+        all_rows = compute_or_load(stage_dir / "ref_cache", key, rows, score, batch_size=bs, rank=run.rank,
+                                   world_size=run.world_size, desc=f"{stage}: reference log-probs")  # fmt: skip
+        per = 2 if paired else 1
+        ref_rows, held_ref = all_rows[: per * len(train)], all_rows[per * len(train):]
+
+    loader = torch.utils.data.DataLoader(_Indexed(train), batch_size=bs, sampler=sampler,
+                                         collate_fn=_Collate(collator, ref_rows, paired))  # fmt: skip
+    loss_fn = make_loss(stage, cfg, run.device)
+
+    ckpts = CheckpointManager(stage_dir / "checkpoints", save_total_limit=cfg.save_total_limit)
+    step = 0
+    resume = cfg.resume_from_checkpoint
+    if resume:
+        ckpt = ckpts.load(None if resume is True else resume, rank=run.rank)
+        if ckpt is not None:
+            engine.load_checkpoint(str(ckpt.path / "deepspeed"), tag="state")
+            sampler.load_state_dict(ckpt.data_state)
+            step = ckpt.step
+            if run.rank == 0:
+                print(f"[allo-train] {stage}: resumed from {ckpt.path} at step {step}")
+
+    logger = MetricsLogger(stage_dir, stage=stage, tensorboard="tensorboard" in cfg.report_to)
+    crash_stage, _, crash_step = os.environ.get(CRASH_ENV, "").partition(":")
+    crash_after = int(crash_step) if crash_stage == stage and crash_step else 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=stage, disable=run.rank != 0, dynamic_ncols=True)
+    batches = iter(loader)
+    sums: dict[str, float] = {}
+    count = 0
+    while step < total:
+        engine.train()
+        for _ in range(ga):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)
+            loss, metrics = loss_fn(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+        step += 1
+        bar.update(1)
+        if step % args.logging_steps == 0 or step == total:
+            logged = _reduce_metrics(sums, count, run.world_size, run.device)
+            grad_norm = engine.get_global_grad_norm()
+            logged.update(learning_rate=engine.get_lr()[0], epoch=sampler.epoch + sampler.position / max(1, len(sampler)))
+            if grad_norm is not None:
+                logged["grad_norm"] = float(grad_norm)
+            logger.log(step, logged)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            sums, count = {}, 0
+        if held_out and (step % (args.eval_steps or args.logging_steps) == 0 or step == total):
+            logger.log(step, evaluate(run, engine, loss_fn, held_out, collator, held_ref, paired, bs))
+        if step % args.save_steps == 0 and step < total:
+            ckpts.save(step, stage=stage, write_fn=lambda d: engine.save_checkpoint(str(d / "deepspeed"), tag="state"),
+                       data_state=sampler.state_dict(), is_main=run.rank == 0, barrier=run.barrier, rank=run.rank)  # fmt: skip
+        if crash_after and step == crash_after:
+            os._exit(17)
+    bar.close()
+    logger.close()
+
+    sd = _final_state_dict(engine)
+    if run.rank == 0:
+        extra = {}
+        if masks is not None:
+            extra["masks.safetensors"] = cfg.stage_dir("locate") / "masks.safetensors"
+        save_pretrained_atomic(lm, tokenizer, out_dir, state_dict=sd,
+                               extra_files={k: v for k, v in extra.items() if v.is_file()})  # fmt: skip
+        plot_loss_curves(stage_dir / "metrics.jsonl", stage_dir)
+    run.barrier()
+    del engine
+    return out_dir
+
+
+def evaluate(run: Run, engine, loss_fn, held_out, collator, held_ref, paired, batch_size) -> dict[str, float]:
+    """Loss and metrics (preference accuracy for DPO stages) on the held-out split, reported as eval/<name>.
+
+    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank whose shard is
+    exhausted repeats a batch without counting it.
+    """
+    engine.eval()
+    collate = _Collate(collator, held_ref, paired)
+    mine = list(range(run.rank, len(held_out), run.world_size))
+    n_batches = math.ceil(math.ceil(len(held_out) / run.world_size) / batch_size)
+    sums: dict[str, float] = {}
+    count = 0
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = mine[b * batch_size:(b + 1) * batch_size]
+            loss, metrics = loss_fn(engine, collate([(i, held_out[i]) for i in (idx or [0])]))
+            if not idx:  # keep the metric keys identical on every rank for the all-reduce
+                for k in ("loss", *metrics):
+                    sums.setdefault(k, 0.0)
+                continue
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+    engine.train()
+    return {f"eval/{k}": v for k, v in _reduce_metrics(sums, count, run.world_size, run.device).items()}
+
+
+# ----------------------------------------------------------------------------------------------------- locate
+def locate_stage(run: Run) -> Path:
+    cfg, args = run.cfg, run.cfg.locate
+    out = cfg.stage_dir("locate")
+    if run.rank == 0:
+        start = Path(args.start_model) if args.start_model else base_model_dir(cfg)
+        if args.importance == "delta":
+            warm = Path(args.warm_model) if args.warm_model else model_dir(cfg, "warmup")
+            importance = delta_importance(SafetensorsState(start), SafetensorsState(warm),
+                                          learning_rate=cfg.warmup.learning_rate if args.divide_by_lr else None)
+        else:
+            importance = gradient_importance(run, start)
+        save_importance(importance, out / "importance.safetensors")
+        result = locate(importance, out, ratio=args.ratio, granularity=args.granularity, scope=args.scope,
+                        exclude=args.exclude)  # fmt: skip
+        print(f"[allo-train] locate: masks at {result.masks_path}, stats at {result.stats_path}")
+    run.barrier()
+    return out
+
+
+def gradient_importance(run: Run, start: Path) -> dict[str, torch.Tensor]:
+    """Accumulated |grad| of the DPO loss at the start model (reference = the model itself), plain torch on rank 0."""
+    from .locate import GradImportance
+
+    cfg, args = run.cfg, run.cfg.locate
+    stage_cfg = replace(cfg.warmup, data_path=args.data_path or cfg.warmup.data_path)
+    tokenizer = load_tokenizer(cfg, start)
+    feats = D.tokenize_preference(D.load_preference_jsonl(stage_cfg.data_path), tokenizer,
+                                  max_length=stage_cfg.max_length, max_prompt_length=stage_cfg.max_prompt_length)
+    lm = load_causal_lm(start, dtype=torch.float32).to(run.device)
+    module = PolicyHiddenStates(lm)
+    collate = D.PreferenceCollator(D.pad_token_id_of(tokenizer))
+    acc = GradImportance(device=run.device)
+    bs = stage_cfg.per_device_train_batch_size
+    for b in range(min(args.grad_num_batches, math.ceil(len(feats) / bs))):
+        batch = collate(feats[b * bs:(b + 1) * bs])
+        hidden = module(batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))[:, :-1]
+        labels = batch["labels"][:, 1:].to(run.device)
+        with torch.no_grad():
+            ref = ak.fused_linear_token_logprobs(hidden, lm.get_output_embeddings().weight, labels)
+        loss, _ = ak.preference_loss(hidden, labels, lm_head_weight=lm.get_output_embeddings().weight,
+                                     ref_logprobs=ref, beta=stage_cfg.beta)  # fmt: skip
+        lm.zero_grad(set_to_none=True)
+        loss.backward()
+        acc.add_model(lm)
+    return acc.importance
+
+
+def stage_masks(run: Run, stage: str) -> dict[str, torch.Tensor]:
+    """Masks for forget/improve: the located masks, re-selected from the saved importance when the stage's ratio
+    (N1 / N2) differs from locate.ratio."""
+    cfg = run.cfg
+    loc = cfg.stage_dir("locate")
+    ratio = getattr(cfg, stage).ratio
+    if ratio is None or ratio == cfg.locate.ratio:
+        from .locate import load_masks
+
+        return load_masks(loc)
+    importance = load_importance(loc / "importance.safetensors")
+    return select_masks(importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope,
+                        exclude=cfg.locate.exclude)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------- entry points
+def run_stage(cfg: TrainConfig, stage: str) -> Path:
+    rank, world, device = init_distributed()
+    run = Run(cfg, rank, world, device)
+    torch.manual_seed(cfg.seed)
+    if stage == "locate":
+        return locate_stage(run)
+    masks = stage_masks(run, stage) if stage in ("forget", "improve") else None
+    return train_stage(run, stage, masks=masks)
+
+
+def stage_done(cfg: TrainConfig, stage: str) -> Path | None:
+    """The stage's output when it finished (outputs are renamed into place whole, so existence means complete)."""
+    out = cfg.stage_dir("locate") / "masks.safetensors" if stage == "locate" else model_dir(cfg, stage)
+    return out if out.exists() else None
+
+
+def run_pipeline(cfg: TrainConfig) -> list[Path]:
+    """Run cfg.pipeline.stages in order; with resume_from_checkpoint, finished stages are skipped."""
+    outputs = []
+    for stage in cfg.pipeline.stages:
+        done = stage_done(cfg, stage) if cfg.resume_from_checkpoint else None
+        if done is not None:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"[allo-train] {stage}: already finished ({done}), skipped")
+            outputs.append(done)
+            continue
+        outputs.append(run_stage(cfg, stage))
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {s: str(p) for s, p in zip(cfg.pipeline.stages, outputs)}
+        (Path(cfg.output_dir) / "pipeline.json").write_text(json.dumps(summary, indent=2))
+    return outputs

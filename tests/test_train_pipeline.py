@@ -1,0 +1,188 @@
+"""End-to-end allo_train runs: 2 ranks, gloo on 127.0.0.1, a tiny randomly initialised Llama, CPU.
+
+warmup -> locate -> forget -> improve at ZeRO-2, ZeRO-3 and ZeRO-2 with optimizer offload: parameters outside the
+located neurons stay bit-identical through forget and improve, selected ones change, metrics are written; a run
+killed mid-stage and resumed ends with the same weights as an uninterrupted run.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    sys.path.insert(0, str(ROOT))
+    from allo_train.model import build_tiny_llama
+    from allo_train.tokenizer import build_char_tokenizer
+
+    d = tmp_path_factory.mktemp("assets")
+    tok = build_char_tokenizer(save_dir=d / "tok")
+    build_tiny_llama(tok, d / "base", hidden_size=32, num_layers=2, num_heads=2, seed=0)
+    r = random.Random(0)
+    with open(d / "pref.jsonl", "w") as f, open(d / "forget.jsonl", "w") as g:
+        for _ in range(16):
+            a, b = r.randint(1, 60), r.randint(1, 60)
+            good, bad = str(a + b), str(a + b + r.randint(1, 9))
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": good, "rejected": bad}) + "\n")
+            g.write(json.dumps({"prompt": f"{a}+{b}=", "rejected": bad, "corrected": good}) + "\n")
+    return d
+
+
+def write_config(assets: Path, out: Path, zero: dict, **extra) -> Path:
+    cfg = {
+        "model_name_or_path": str(assets / "base"),
+        "output_dir": str(out),
+        "learning_rate": 2e-3,
+        "per_device_train_batch_size": 2,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "save_steps": 2,
+        "max_length": 24,
+        "max_prompt_length": 12,
+        "eval_fraction": 0.25,
+        "lr_scheduler_type": "constant",
+        "deepspeed": {"zero_optimization": zero},
+        "warmup": {"data_path": str(assets / "pref.jsonl")},
+        "locate": {"ratio": 0.1, "granularity": "row"},
+        "forget": {"data_path": str(assets / "forget.jsonl"), "token_weight_source": "corrected"},
+        "improve": {"data_path": str(assets / "pref.jsonl"), "mask_fraction": 0.5},
+        **extra,
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, *args: str, world_size: int = 2, env_extra: dict | None = None, timeout: int = 420):
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu",
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "allo_train.cli", "pipeline", "--config", str(config),
+                                       *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], outs
+
+
+def weights(model_dir: Path) -> dict:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def expanded(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask if mask.shape == like.shape else mask.view(-1, *([1] * (like.dim() - 1))).expand_as(like)
+
+
+def check_sparse_updates(assets: Path, out: Path) -> None:
+    from allo_train.locate import load_masks
+
+    base = weights(assets / "base")
+    masks = load_masks(out / "locate")
+    assert set(masks) == set(base)
+    n_selected = sum(int(expanded(m, base[k]).sum()) for k, m in masks.items())
+    assert n_selected > 0
+    for stage in ("forget", "improve"):
+        w = weights(out / stage / "model")
+        changed_selected = 0
+        for name, b in base.items():
+            sel = expanded(masks[name], b)
+            assert torch.equal(w[name][~sel], b[~sel]), f"{stage}: unselected entries of {name} changed"
+            changed_selected += int((w[name][sel] != b[sel]).sum())
+        assert changed_selected > n_selected // 2, f"{stage}: only {changed_selected}/{n_selected} selected changed"
+        assert (out / stage / "model" / "masks.safetensors").is_file()
+    warm = weights(out / "warmup" / "model")
+    assert all(not torch.equal(warm[k], base[k]) for k in base if "layers.0.mlp" in k)  # warm-up is dense
+    for stage in ("warmup", "forget", "improve"):
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if "loss" in r]
+        assert [r["step"] for r in train] == [1, 2, 3, 4]
+        assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in train)  # finite, positive
+        assert any("eval/loss" in r for r in rows)
+        if stage != "forget":
+            assert "rewards/accuracies" in train[0] and "eval/rewards/accuracies" in rows[-1]
+        assert (out / stage / f"loss_{stage}.png").is_file()
+    assert (out / "locate" / "mask_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "name,zero",
+    [
+        ("zero2", {"stage": 2}),
+        ("zero3", {"stage": 3}),
+        ("zero2_offload", {"stage": 2, "offload_optimizer": {"device": "cpu"}}),
+    ],
+)
+def test_pipeline_two_ranks(assets, tmp_path, name, zero):
+    out = tmp_path / name
+    codes, logs = launch(write_config(assets, out, zero))
+    assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    check_sparse_updates(assets, out)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(assets, tmp_path):
+    stages = {"pipeline": {"stages": ["warmup", "locate", "forget"]}, "save_steps": 1}
+    ref_out, crash_out = tmp_path / "straight", tmp_path / "crashed"
+    codes, logs = launch(write_config(assets, ref_out, {"stage": 2}, **stages))
+    assert codes == [0, 0], logs[0][-4000:]
+    cfg = write_config(assets, crash_out, {"stage": 2}, **stages)
+    codes, _ = launch(cfg, env_extra={"ALLO_TRAIN_CRASH_AFTER": "forget:2"})
+    assert codes == [17, 17]
+    assert not (crash_out / "forget" / "model").exists()
+    assert sorted(p.name for p in (crash_out / "forget" / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    codes, logs = launch(cfg, "--resume")
+    assert codes == [0, 0], logs[0][-4000:]
+    assert "warmup: already finished" in logs[0] and "resumed from" in logs[0]
+    a, b = weights(ref_out / "forget" / "model"), weights(crash_out / "forget" / "model")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "allo_train.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def test_cli_bad_config_key_is_named(assets, tmp_path):
+    cfg = write_config(assets, tmp_path / "bad", {"stage": 0})
+    r = run_cli("warmup", "--config", str(cfg), "improve.mask_fraction=1.5")
+    assert r.returncode != 0 and "improve.mask_fraction" in r.stderr
+    r = run_cli("warmup", "--config", str(cfg), "learning_rat=0.1")
+    assert r.returncode != 0 and "learning_rat" in r.stderr
+
+
+def test_cli_malformed_jsonl_names_file_and_line(assets, tmp_path):
+    data = tmp_path / "broken.jsonl"
+    lines = (assets / "pref.jsonl").read_text().splitlines()
+    lines[2] = '{"prompt": "1+1=", "chosen": "2"'
+    data.write_text("\n".join(lines) + "\n")
+    cfg = write_config(assets, tmp_path / "broken", {"stage": 0}, warmup={"data_path": str(data)})
+    r = run_cli("warmup", "--config", str(cfg))
+    assert r.returncode != 0
+    assert f"{data}:3" in r.stderr
