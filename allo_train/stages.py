@@ -178,7 +178,7 @@ def make_loss(stage: str, cfg: TrainConfig, device: torch.device) -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------------- data
-def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, forget_scorer: Callable | None = None):
+def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, device: torch.device = torch.device("cpu")):
     """Tokenised (train, eval) features, the collator and whether rows are [chosen; rejected] pairs."""
     args = getattr(cfg, stage)
     if args.data_path is None:
@@ -192,7 +192,7 @@ def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, forget_score
         examples = D.load_forgetting_jsonl(args.data_path, token_weight_source=args.token_weight_source)
         feats = D.tokenize_forgetting(examples, tokenizer, **lengths)
         if args.token_weight_source == "scoring_model":
-            feats = forget_scorer(examples, feats) if forget_scorer is not None else feats
+            feats = scoring_model_weights(cfg, tokenizer, examples, feats, device)
         collator, paired = D.ForgettingCollator(pad), False
     elif stage == "sft":
         feats = D.tokenize_sft(D.load_sft_jsonl(args.data_path, completion_field=args.completion_field), tokenizer,
@@ -208,6 +208,38 @@ def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, forget_score
         raise ValueError(f"unknown training stage {stage!r}")
     train, held_out = D.train_eval_split(feats, eval_fraction=args.eval_fraction, seed=cfg.seed)
     return train, held_out, collator, paired
+
+
+REWRITE_TEMPLATE = "##Question: {prompt}\n##Answer: {answer}\n##Rewrite: "
+
+
+def scoring_model_weights(cfg: TrainConfig, tokenizer, examples, feats: list[dict], device: torch.device) -> list[dict]:
+    """ALLO/RLMEC-style token weights from a rewriting (scoring) model: ``w_t = 1 - p(y_t | rewrite prompt, y_<t)``.
+
+    The scoring model reads ``REWRITE_TEMPLATE`` (question and the rejected answer) and is teacher-forced on the
+    rejected response; a token the rewriter would copy (p near 1) is aligned and gets weight near 0, a token it would
+    change gets weight near 1 (forgotten). The scoring model must share the policy's tokenizer. Every rank scores
+    every example (plain torch, no engine): the forgetting sets ALLO uses are small.
+    """
+    scorer = load_causal_lm(cfg.forget.scoring_model, dtype=torch.float32).to(device).eval()
+    if scorer.get_output_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"forget.scoring_model {cfg.forget.scoring_model!r} has a smaller vocabulary than the "
+                         f"policy's tokenizer ({len(tokenizer)}): it must share the policy's tokenizer")
+    out = []
+    for ex, feat in zip(examples, feats):
+        labels = torch.tensor(feat["labels"])
+        response = torch.tensor(feat["input_ids"])[labels != -100]
+        prompt = D._plain_messages(ex.prompt) if isinstance(ex.prompt, list) else ex.prompt
+        answer = D._plain_messages(ex.rejected) if isinstance(ex.rejected, list) else ex.rejected
+        head = tokenizer(REWRITE_TEMPLATE.format(prompt=prompt, answer=answer)).input_ids
+        ids = torch.tensor([head + response.tolist()], device=device)
+        with torch.no_grad():
+            logits = scorer(ids).logits[0, len(head) - 1:-1]
+            p = ak.token_logprobs(logits, response.to(device)).exp().cpu()
+        weights = torch.zeros(len(feat["input_ids"]))
+        weights[labels != -100] = 1.0 - p
+        out.append({**feat, "token_weights": weights.tolist()})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -232,12 +264,11 @@ def _reduce_metrics(sums: dict[str, float], count: int, world_size: int, device:
     return {k: v / total for k, v in zip(keys, vec[:-1].tolist())}
 
 
-def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None,
-                forget_scorer: Callable | None = None) -> Path:  # fmt: skip
+def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None) -> Path:
     cfg, args = run.cfg, getattr(run.cfg, stage)
     in_dir, out_dir, stage_dir = input_model_dir(cfg, stage), model_dir(cfg, stage), cfg.stage_dir(stage)
     tokenizer = load_tokenizer(cfg, in_dir)
-    train, held_out, collator, paired = load_stage_features(stage, cfg, tokenizer, forget_scorer=forget_scorer)
+    train, held_out, collator, paired = load_stage_features(stage, cfg, tokenizer, device=run.device)
     if not train:
         raise ValueError(f"{stage}.data_path {args.data_path!r} holds no training example")
 

@@ -186,3 +186,20 @@ def test_cli_malformed_jsonl_names_file_and_line(assets, tmp_path):
     r = run_cli("warmup", "--config", str(cfg))
     assert r.returncode != 0
     assert f"{data}:3" in r.stderr
+
+
+def test_forget_with_scoring_model_weights_single_rank(assets, tmp_path):
+    plain = tmp_path / "forget_plain.jsonl"
+    plain.write_text("".join(
+        json.dumps({"prompt": json.loads(line)["prompt"], "rejected": json.loads(line)["rejected"]}) + "\n"
+        for line in (assets / "forget.jsonl").read_text().splitlines()))
+    out = tmp_path / "scored"
+    cfg = write_config(assets, out, {"stage": 0}, pipeline={"stages": ["warmup", "locate", "forget"]},
+                       forget={"data_path": str(plain), "token_weight_source": "scoring_model",
+                               "scoring_model": str(assets / "base")})
+    codes, logs = launch(cfg, world_size=1)
+    assert codes == [0], logs[0][-4000:]
+    rows = [json.loads(line) for line in (out / "forget" / "metrics.jsonl").read_text().splitlines()]
+    weights_mean = [r["weights/mean"] for r in rows if "weights/mean" in r]
+    # A random scoring model spreads probability over ~100 characters: weights 1 - p are close to, but below, 1.
+    assert weights_mean and all(0.5 < w < 1.0 for w in weights_mean)
