@@ -5,7 +5,9 @@
 // [seg_state[s], seg_state[s] + seg_len[s]). The compact range is cut into fixed-size chunks that OpenMP threads
 // take statically, so one huge dense segment and many short rows balance alike.
 //
-// Arithmetic mirrors torch.optim.AdamW's single-tensor CPU path op for op, in fp32, so results are bit-identical:
+// Arithmetic mirrors torch.optim.AdamW's single-tensor CPU path op for op, in fp32 (same order, fma where torch's
+// vectorised kernels use one); the only known difference is sqrt, which is correctly rounded here while torch's CPU
+// sqrt can be one ulp off, so results agree with the torch reference to about one ulp:
 //   p = p * decay;  m = fma(w, g - m, m) (torch's vectorised lerp);  v = fma((1 - b2) * g, g, v * b2) (addcmul);
 //   denom = sqrt(v) / bc2_sqrt + eps;  p = p + ((-step_size) * m) / denom.
 // Hence -ffp-contract=off (no implicit fma) and an explicit fmaf where torch uses one.
