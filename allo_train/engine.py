@@ -59,6 +59,9 @@ def deepspeed_config(user: dict | None, *, micro_batch_size: int, gradient_accum
             raise ValueError(f"deepspeed.{key} is not supported: allo_train uses SparseAdamW and its own LR schedule "
                              "(set learning_rate / lr_scheduler_type / weight_decay in the allo config instead)")
     ds.setdefault("zero_optimization", {"stage": 0})
+    if bf16 and int(ds["zero_optimization"].get("stage", 0)) == 0:
+        raise ValueError("config key 'deepspeed.zero_optimization.stage' must be >= 1 with bf16: SparseAdamW binds to "
+                         "ZeRO's fp32 partitions (DeepSpeed's stage-0 bf16 wrapper is not supported), got stage 0")
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = micro_batch_size
     ds["gradient_accumulation_steps"] = gradient_accumulation_steps
