@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=None, help="where .md and .png go (default: beside each JSON)")
     parser.add_argument("--no-plot", action="store_true", help="markdown only")
     args = parser.parse_args(argv)
-    files = [Path(f) for f in args.files] or sorted(RESULTS_DIR.glob("*.json"))
+    files = [Path(f) for f in args.files]
+    if not files:  # every harness results file in results/ (other JSON there, e.g. raw optimizer runs, is skipped)
+        files = [f for f in sorted(RESULTS_DIR.glob("*.json")) if "rows" in json.loads(f.read_text())]
     if not files:
         print(f"no results files given and none in {RESULTS_DIR}", file=sys.stderr)
         return 1
