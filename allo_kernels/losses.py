@@ -85,30 +85,29 @@ def _check_label_smoothing(label_smoothing: object) -> float:
     return value
 
 
-def _check_sequences(**named: object) -> list[torch.Tensor]:
-    """1-D float tensors [B] of one shape on one device, B >= 1 (a mean over no pairs is undefined)."""
+def _check_group(named: dict[str, object], **dims) -> list[torch.Tensor]:
+    """Float tensors of one shape on one device (``dims``: ndim=... or min_ndim=... for check_tensor)."""
     items = list(named.items())
     for name, t in items:
-        check_tensor(name, t, dtypes=_LOSS_DTYPES, ndim=1)
+        check_tensor(name, t, dtypes=_LOSS_DTYPES, **dims)
     first_name, first = items[0]
     for name, t in items[1:]:
         check_shape(name, t, tuple(first.shape), like=first_name)
     check_same_device(**named)
-    if first.numel() == 0:
-        raise ValueError(f"{first_name} must hold at least one sequence, got {describe(first)}")
     return [t for _, t in items]  # type: ignore[misc]
+
+
+def _check_sequences(**named: object) -> list[torch.Tensor]:
+    """1-D float tensors [B] of one shape on one device, B >= 1 (a mean over no pairs is undefined)."""
+    tensors = _check_group(named, ndim=1)
+    if tensors[0].shape[0] == 0:
+        raise ValueError(f"{next(iter(named))} must hold at least one sequence, got {describe(tensors[0])}")
+    return tensors
 
 
 def _check_tokens(**named: object) -> list[torch.Tensor]:
     """Float tensors of one shape (typically [B, T]) on one device."""
-    items = list(named.items())
-    for name, t in items:
-        check_tensor(name, t, dtypes=_LOSS_DTYPES, min_ndim=1)
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        check_shape(name, t, tuple(first.shape), like=first_name)
-    check_same_device(**named)
-    return [t for _, t in items]  # type: ignore[misc]
+    return _check_group(named, min_ndim=1)
 
 
 def _check_values(finite: dict[str, torch.Tensor], nonnegative: tuple[str, ...] = ()) -> None:
@@ -553,14 +552,7 @@ def kto_loss(
 
 def _check_ragged(**named: object) -> list[torch.Tensor]:
     """Like _check_sequences but the batch may be empty (one side of an unpaired KTO batch)."""
-    items = list(named.items())
-    for name, t in items:
-        check_tensor(name, t, dtypes=_LOSS_DTYPES, ndim=1)
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        check_shape(name, t, tuple(first.shape), like=first_name)
-    check_same_device(**named)
-    return [t for _, t in items]  # type: ignore[misc]
+    return _check_group(named, ndim=1)
 
 
 # ------------------------------------------------------------------------------------------------------------- SFT
