@@ -113,7 +113,7 @@ if triton is not None:
 
         k = tl.load(k_ptr + scope)
         count = tl.zeros([BLOCK_I], dtype=tl.int32)
-        j_end = tl.where(k > 0, L, 0)  # nothing to rank when nothing is masked
+        j_end = tl.where(k > 0, L, 0).to(tl.int32)  # nothing to rank when nothing is masked
         for j_start in range(0, j_end, BLOCK_J):
             j = j_start + tl.arange(0, BLOCK_J)
             in_j = j < L
