@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP := $(VENV)/.allo-installed
 
-.PHONY: install test test-gpu demo bench bench-cpu clean
+.PHONY: install test test-gpu demo quickstart bench bench-cpu clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard CMakeLists.txt) $(wildcard allo_kernels/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q tests -m gpu
 
 demo: $(STAMP)
+	$(PY) -m allo_train.cli demo --output-dir demo_out
+
+quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
 bench-cpu: $(STAMP)
