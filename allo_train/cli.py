@@ -3,7 +3,7 @@
     allo-train pipeline --config cfg.yaml [key=value | --key value ...]
     allo-train warmup|locate|forget|improve|sft|correct --config cfg.yaml [overrides] [--resume]
     allo-train correct-answers --model DIR --input answers.jsonl --output corrected.jsonl
-    allo-train demo [--output-dir DIR]
+    allo-train demo [--output-dir DIR] [--seed N]
 
 Multi-process: ``deepspeed --num_gpus N -m allo_train.cli pipeline --config cfg.yaml`` or
 ``torchrun --nproc_per_node N -m allo_train.cli ...``; on CPU the gloo backend is used.
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="correct-answers: JSONL of {question, answer}")
     parser.add_argument("--output", help="correct-answers: where to write the corrected JSONL")
     parser.add_argument("--output-dir", help="demo: where to write the demo's data, models and plots")
+    parser.add_argument("--seed", type=int, default=0, help="demo: seed of data, initialisation and sampling")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output_dir or "demo_out")
+        run_demo(args.output_dir or "demo_out", seed=args.seed)
         return 0
 
     from .config import load_config
