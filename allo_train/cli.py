@@ -82,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.resume:
         cfg.resume_from_checkpoint = True
-    if args.command == "pipeline":
-        run_pipeline(cfg)
-    else:
-        run_stage(cfg, args.command)
+    try:
+        if args.command == "pipeline":
+            run_pipeline(cfg)
+        else:
+            run_stage(cfg, args.command)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

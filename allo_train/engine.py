@@ -10,17 +10,11 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
+import tempfile
 
 import torch
 
 _DS_OWNED_KEYS = ("optimizer", "scheduler")
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -30,10 +24,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:  # a plain single-process run
+    init_method = None
+    if "RANK" not in os.environ:  # a plain single-process run: rendezvous through a file, no port to race for
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_loopback_port()))
+        fd, store = tempfile.mkstemp(prefix="allo-pg-")
+        os.close(fd)
+        os.unlink(store)
+        init_method = f"file://{store}"
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo" and os.environ.get("WORLD_SIZE") == "1":
@@ -42,7 +39,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   init_method=init_method, rank=int(os.environ["RANK"]),
+                                   world_size=int(os.environ["WORLD_SIZE"]))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
