@@ -25,8 +25,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import torch.distributed as dist
 
     init_method = None
-    if "RANK" not in os.environ:  # a plain single-process run: rendezvous through a file, no port to race for
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+        # A plain single-process run (no launcher): rendezvous through a file, no port to race for.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
         fd, store = tempfile.mkstemp(prefix="allo-pg-")
         os.close(fd)
         os.unlink(store)
