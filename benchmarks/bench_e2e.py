@@ -58,6 +58,7 @@ from benchmarks.conftest import (
     record_skip,
     run_benchmark,
     sync,
+    timing_fields,
 )
 
 SUITE = "e2e_step"
@@ -379,13 +380,7 @@ def test_e2e_step(benchmark, results, case, impl):
         {
             **base,
             "status": "ok",
-            "median_ms": m.median_s * 1e3,
-            "min_ms": m.min_s * 1e3,
-            "mean_ms": m.mean_s * 1e3,
-            "stdev_ms": m.stdev_s * 1e3,
-            "reps": m.reps,
-            "warmup": m.warmup,
-            "timer": m.timer,
+            **timing_fields(m),
             "tokens_per_s": tokens / m.median_s,
             "peak_mem_mb": peak_mb,
             "static_mb": static_mb,

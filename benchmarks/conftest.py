@@ -474,6 +474,12 @@ def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
+def timing_fields(m: "Measurement") -> dict:
+    """The timing columns every measured results row carries."""
+    return {"median_ms": m.median_s * 1e3, "min_ms": m.min_s * 1e3, "mean_ms": m.mean_s * 1e3,
+            "stdev_ms": m.stdev_s * 1e3, "reps": m.reps, "warmup": m.warmup, "timer": m.timer}
+
+
 def run_case(
     benchmark: Any,
     results: ResultsRecorder,
@@ -532,13 +538,7 @@ def run_case(
         {
             **base,
             "status": "ok",
-            "median_ms": m.median_s * 1e3,
-            "min_ms": m.min_s * 1e3,
-            "mean_ms": m.mean_s * 1e3,
-            "stdev_ms": m.stdev_s * 1e3,
-            "reps": m.reps,
-            "warmup": m.warmup,
-            "timer": m.timer,
+            **timing_fields(m),
             "peak_mem_mb": None if m.peak_mem_bytes is None else m.peak_mem_bytes / 2**20,
             "bytes": bytes_moved,
             "gbps": _finite_or_none(gbps),
