@@ -191,3 +191,25 @@ def test_official_logprobs_match_reference():
     labels[0, 0] = -100
     got = bench_token_scores.official_token_logprobs(logits, labels)
     torch.testing.assert_close(got, token_logprobs_reference(logits, labels))
+
+
+def test_sparse_adamw_paired_speedup_and_standalone_table(tmp_path):
+    import json
+
+    from benchmarks import bench_sparse_adamw as bsa
+
+    got = bsa.paired_speedup([2.0, 4.0, 9.0], [1.0, 1.0, 3.0])  # per-round ratios 2, 4, 3
+    assert got["median"] == 3.0 and got["rounds"] == 3
+    assert 2.0 <= got["p10"] <= got["median"] <= got["p90"] <= 4.0
+
+    out = tmp_path / "t.json"
+    bsa.main(["--rows", "64", "--cols", "32", "--rounds", "3", "--no-deepspeed", "--json", str(out)])
+    report = json.loads(out.read_text())
+    impls = {(r["impl"], r["row_fraction"]) for r in report["results"] if "error" not in r}
+    assert ("torch_adamw_fused", 1.0) in impls and ("allo_native", 0.1) in impls
+    paired = report["speedups_paired"]["vs_torch_adamw_fused@10pct"]
+    assert paired["rounds"] == 3 and paired["p10"] <= paired["median"] <= paired["p90"]
+    assert report["shapes"] == [[64, 32]] * 4 and report["native_isa"] == bsa._native.isa()
+    # state is kept for the selected rows only: 10 % of 64 rows -> 6 rows x 32 cols x (exp_avg, exp_avg_sq) x 4 tensors
+    row = next(r for r in report["results"] if r["impl"] == "allo_native" and r["row_fraction"] == 0.1)
+    assert row["state_bytes"] == 4 * 6 * 32 * 2 * 4

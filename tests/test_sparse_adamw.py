@@ -325,3 +325,50 @@ def test_bind_requires_deepspeed_engine_shapes():
     opt = SparseAdamW([p], masks={p: torch.ones(4, dtype=torch.bool)}, backend="torch")
     with pytest.raises(RuntimeError, match="bind"):
         opt.export_state()
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+from allo_kernels.optim import SparseAdamW, _native
+g = torch.Generator().manual_seed(3)
+out = {"isa": _native.isa()}
+for name, dtype, master, amsgrad in (("f32", torch.float32, False, True), ("bf16", torch.bfloat16, True, False)):
+    p = torch.randn(300, 70, generator=g).to(dtype).requires_grad_()
+    opt = SparseAdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, masks={p: torch.rand(300, generator=g) < 0.6},
+                      master_weights=master, backend="native")
+    for _ in range(3):
+        p.grad = torch.randn(300, 70, generator=g).to(dtype)
+        opt.step()
+    out[name] = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not _native.available(), reason="native library not built")
+def test_native_vector_builds_agree_bit_for_bit(tmp_path):
+    # The portable, AVX2 and AVX-512 builds of the step share one op sequence with explicit fma and correctly rounded
+    # sqrt/div, so every build the CPU can run must give identical bits. Each cap runs in its own process because the
+    # choice is made once, when the library loads.
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for cap in ("default", "avx2", None):
+        env = {k: v for k, v in os.environ.items() if k != "ALLO_NATIVE_ISA"}
+        if cap is not None:
+            env["ALLO_NATIVE_ISA"] = cap
+        path = tmp_path / f"{cap}.pt"
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True, timeout=120)
+        results[cap] = torch.load(path)
+    assert results["default"]["isa"] == "default"
+    assert results["avx2"]["isa"] in ("default", "avx2")
+    assert results[None]["isa"] == _native.isa()
+    base = results["default"]
+    for cap in ("avx2", None):
+        for name in ("f32", "bf16"):
+            (p0, s0), (p1, s1) = base[name], results[cap][name]
+            assert torch.equal(p0, p1), (cap, name)
+            assert s0.keys() == s1.keys()
+            for k in s0:
+                assert torch.equal(s0[k], s1[k]), (cap, name, k)

@@ -63,6 +63,20 @@ def available() -> bool:
     return _load() is not None
 
 
+_ISA_NAMES = {0: "default", 1: "avx2", 2: "avx512"}
+
+
+def isa() -> str | None:
+    """The vector build the native step runs: "avx512", "avx2" or "default" (portable); None without the library.
+
+    Picked from cpuid when the library loads; ``ALLO_NATIVE_ISA=avx2|default`` caps it (benchmarks, bug reports).
+    """
+    lib = _load()
+    if lib is None:
+        return None
+    return _ISA_NAMES.get(int(lib.allo_native_isa_level()), "default")
+
+
 def load_error() -> str | None:
     _load()
     return _error
