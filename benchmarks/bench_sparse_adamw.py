@@ -155,21 +155,9 @@ def _gpu_layers() -> int:
     return int(os.environ.get("ALLO_BENCH_GPU_LAYERS", "16"))
 
 
-def _cuda_time(fn, rounds: int = 10) -> list[float]:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
 def _gpu_params(dtype):
+    gc.collect()  # the previous case's params and state died with its test function: give their memory back first
+    torch.cuda.empty_cache()
     g = torch.Generator(device="cuda").manual_seed(0)
     params = []
     for s in llama7b_shapes(_gpu_layers()):
@@ -177,6 +165,14 @@ def _gpu_params(dtype):
         p.grad = torch.randn(s, device="cuda", dtype=dtype, generator=g) * 1e-3
         params.append(p)
     return params
+
+
+def _bench_gpu(benchmark, opt, params, **info):
+    benchmark.group = "sparse_adamw-gpu"
+    benchmark.extra_info.update(info, layers=_gpu_layers(), params=sum(p.numel() for p in params))
+    opt.step()  # allocates the state outside the timing
+    benchmark.extra_info["state_bytes"] = state_bytes(opt)
+    benchmark.pedantic(lambda: (opt.step(), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=1)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark needs CUDA")
@@ -188,15 +184,7 @@ def test_gpu_sparse_adamw_triton_bf16(benchmark, frac):
     params = _gpu_params(torch.bfloat16)
     masks = {p: m.cuda() for p, m in row_masks(params, frac).items() if p.dim() == 2}
     opt = SparseAdamW(params, lr=LR, weight_decay=WD, masks=masks, master_weights=True, backend="triton")
-    benchmark.group = "sparse_adamw-gpu"
-    benchmark.extra_info.update(impl="allo SparseAdamW (triton, bf16 + fp32 master rows)", row_fraction=frac,
-                                layers=_gpu_layers(), params=sum(p.numel() for p in params))
-    opt.step()
-    benchmark.extra_info["state_bytes"] = state_bytes(opt)
-    benchmark.pedantic(lambda: (opt.step(), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=1)
-    del opt, params
-    gc.collect()
-    torch.cuda.empty_cache()
+    _bench_gpu(benchmark, opt, params, impl="allo SparseAdamW (triton, bf16 + fp32 master rows)", row_fraction=frac)
 
 
 @gpu
@@ -212,15 +200,7 @@ def test_gpu_dense_baselines_fp32_master(benchmark, impl):
             opt = FusedAdam(params, lr=LR, weight_decay=WD, adam_w_mode=True)
         except Exception as exc:
             pytest.skip(f"DeepSpeed FusedAdam unavailable: {type(exc).__name__}: {exc}")
-    benchmark.group = "sparse_adamw-gpu"
-    benchmark.extra_info.update(impl=f"{impl} dense (fp32 master, fp32 state)", row_fraction=1.0,
-                                layers=_gpu_layers(), params=sum(p.numel() for p in params))
-    opt.step()
-    benchmark.extra_info["state_bytes"] = state_bytes(opt)
-    benchmark.pedantic(lambda: (opt.step(), torch.cuda.synchronize()), rounds=10, iterations=1, warmup_rounds=1)
-    del opt, params
-    gc.collect()
-    torch.cuda.empty_cache()
+    _bench_gpu(benchmark, opt, params, impl=f"{impl} dense (fp32 master, fp32 state)", row_fraction=1.0)
 
 
 # ------------------------------------------------------------------------------------- standalone CPU table
