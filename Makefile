@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 STAMP := $(VENV)/.allo-installed
 
-.PHONY: install test test-gpu demo quickstart bench bench-cpu clean
+.PHONY: install lint format test test-gpu demo quickstart bench bench-cpu clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard CMakeLists.txt) $(wildcard allo_kernels/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard CMakeLists.txt) $(wildcard allo_ker
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Lint and format check first: a ruff finding fails `make test` (and so CI).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 test-gpu: $(STAMP)

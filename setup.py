@@ -43,22 +43,37 @@ class CMakeBuild(build_ext):
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         cmake = _cmake_executable()
         if cmake is None:
-            print("allo: cmake not found; skipping the native CPU optimizer library (torch fallback will be used)",
-                  file=sys.stderr)
+            print(
+                "allo: cmake not found; skipping the native CPU optimizer library (torch fallback will be used)",
+                file=sys.stderr,
+            )
             return
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         cfg = os.environ.get("ALLO_NATIVE_BUILD_TYPE", "Release")
         try:
-            subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={cfg}",
-                            f"-DALLO_OUTPUT_FILE={out_path}"], check=True)
-            subprocess.run([cmake, "--build", str(build_dir), "--config", cfg, "-j", str(os.cpu_count() or 1)],
-                           check=True)
+            subprocess.run(
+                [
+                    cmake,
+                    "-S",
+                    str(ROOT),
+                    "-B",
+                    str(build_dir),
+                    f"-DCMAKE_BUILD_TYPE={cfg}",
+                    f"-DALLO_OUTPUT_FILE={out_path}",
+                ],
+                check=True,
+            )
+            subprocess.run(
+                [cmake, "--build", str(build_dir), "--config", cfg, "-j", str(os.cpu_count() or 1)], check=True
+            )
         except (subprocess.CalledProcessError, OSError) as exc:
             if os.environ.get("ALLO_REQUIRE_NATIVE") == "1":
                 raise
-            print(f"allo: building the native CPU library failed ({exc}); the torch fallback will be used",
-                  file=sys.stderr)
+            print(
+                f"allo: building the native CPU library failed ({exc}); the torch fallback will be used",
+                file=sys.stderr,
+            )
 
 
 ext_modules = [CMakeExtension("allo_kernels._native")] if (ROOT / "CMakeLists.txt").exists() else []

@@ -20,14 +20,14 @@ from .optim import SparseAdamW
 __version__ = "0.1.0"
 
 __all__ = [
-    "losses",
-    "token_logprobs",
-    "token_scores",
+    "SparseAdamW",
     "TokenScores",
+    "__version__",
+    "forgetting_loss",
     "fused_linear_token_logprobs",
     "fused_linear_token_scores",
+    "losses",
     "preference_loss",
-    "forgetting_loss",
-    "SparseAdamW",
-    "__version__",
+    "token_logprobs",
+    "token_scores",
 ]

@@ -21,10 +21,10 @@ import torch
 BACKENDS = ("triton", "torch", "native")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:  # pragma: no cover - triton is a hard dependency, but be graceful on exotic platforms
         return False

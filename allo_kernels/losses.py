@@ -56,13 +56,13 @@ from ._validate import (
 __all__ = [
     "DPO_LOSS_TYPES",
     "dpo_loss",
+    "kto_loss",
     "masked_dpo_loss",
     "npo_loss",
-    "token_npo_loss",
-    "simpo_loss",
     "orpo_loss",
-    "kto_loss",
     "sft_loss",
+    "simpo_loss",
+    "token_npo_loss",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -131,7 +131,9 @@ def _check_values(finite: dict[str, torch.Tensor], nonnegative: tuple[str, ...] 
         if not good:
             t = finite[name]
             bad = int((t < 0).sum())
-            raise ValueError(f"{name} must be >= 0, got {bad} negative value(s) (min {float(t.min())}) in {describe(t)}")
+            raise ValueError(
+                f"{name} must be >= 0, got {bad} negative value(s) (min {float(t.min())}) in {describe(t)}"
+            )
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -207,7 +209,9 @@ def dpo_loss(
     beta = _check_beta(beta)
     e = _check_label_smoothing(label_smoothing)
     if e and loss_type not in ("sigmoid", "robust"):
-        raise ValueError(f"label_smoothing is only used by loss_type 'sigmoid' and 'robust'; got {e!r} with {loss_type!r}")
+        raise ValueError(
+            f"label_smoothing is only used by loss_type 'sigmoid' and 'robust'; got {e!r} with {loss_type!r}"
+        )
     pc, pr, rc, rr = _check_sequences(
         policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected
     )
@@ -272,9 +276,14 @@ def masked_dpo_loss(
         ``(loss, metrics)`` exactly as ``dpo_loss(..., loss_type="sigmoid")``, plus the token-count metrics.
     """
     loss, metrics = dpo_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-        beta=beta, loss_type="sigmoid", label_smoothing=label_smoothing,
-    )  # fmt: skip
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=beta,
+        loss_type="sigmoid",
+        label_smoothing=label_smoothing,
+    )
     for name, counts in (("chosen_tokens", chosen_tokens), ("rejected_tokens", rejected_tokens)):
         if counts is None:
             continue
@@ -349,7 +358,9 @@ def token_npo_loss(
     log_ratio = lp - ref
     # torch.where (not a multiply by w) so that a zero-weight token contributes exactly 0 to the value and the
     # gradient even where its log-prob is -inf.
-    per_token = torch.where(active, -w * F.logsigmoid(-beta * log_ratio), torch.zeros((), dtype=dtype, device=lp.device))
+    per_token = torch.where(
+        active, -w * F.logsigmoid(-beta * log_ratio), torch.zeros((), dtype=dtype, device=lp.device)
+    )
     count = active.sum().to(dtype)
     denom = count.clamp(min=1.0)
     loss = per_token.sum() / denom

@@ -87,38 +87,76 @@ def preference_loss(
     labels_c, labels_r = _halves("labels", labels)
     ref_c, ref_r = _halves("ref_logprobs", ref_logprobs)
     w_c, w_r = _halves("weights", weights)
-    common = dict(beta=beta, mask_by=mask_by, mask_scope=mask_scope, ignore_index=ignore_index,
-                  temperature=temperature)  # fmt: skip
+    common = dict(beta=beta, mask_by=mask_by, mask_scope=mask_scope, ignore_index=ignore_index, temperature=temperature)
     frac_c = mask_fraction if mask_side in ("chosen", "both") else 0.0
     frac_r = mask_fraction if mask_side in ("rejected", "both") else 0.0
-    c = _scores(policy_c, labels_c, lm_head_weight, lm_head_bias, chunk_size,
-                ref_logprobs=ref_c, weights=w_c, mask_fraction=frac_c, **common)  # fmt: skip
-    r = _scores(policy_r, labels_r, lm_head_weight, lm_head_bias, chunk_size,
-                ref_logprobs=ref_r, weights=w_r, mask_fraction=frac_r, **common)  # fmt: skip
+    c = _scores(
+        policy_c,
+        labels_c,
+        lm_head_weight,
+        lm_head_bias,
+        chunk_size,
+        ref_logprobs=ref_c,
+        weights=w_c,
+        mask_fraction=frac_c,
+        **common,
+    )
+    r = _scores(
+        policy_r,
+        labels_r,
+        lm_head_weight,
+        lm_head_bias,
+        chunk_size,
+        ref_logprobs=ref_r,
+        weights=w_r,
+        mask_fraction=frac_r,
+        **common,
+    )
 
     if loss_type == "simpo":
         loss, metrics = losses.simpo_loss(
-            c.seq_logprobs, r.seq_logprobs, chosen_lengths=c.n_tokens, rejected_lengths=r.n_tokens,
-            beta=beta, gamma=simpo_gamma, label_smoothing=label_smoothing,
-        )  # fmt: skip
+            c.seq_logprobs,
+            r.seq_logprobs,
+            chosen_lengths=c.n_tokens,
+            rejected_lengths=r.n_tokens,
+            beta=beta,
+            gamma=simpo_gamma,
+            label_smoothing=label_smoothing,
+        )
     elif loss_type == "ipo":
+
         def avg(s: TokenScores, x: torch.Tensor) -> torch.Tensor:
             return x / s.n_tokens.clamp(min=1.0)
 
         loss, metrics = losses.dpo_loss(
-            avg(c, c.seq_logprobs), avg(r, r.seq_logprobs), avg(c, c.seq_ref_logprobs), avg(r, r.seq_ref_logprobs),
-            beta=beta, loss_type="ipo",
-        )  # fmt: skip
+            avg(c, c.seq_logprobs),
+            avg(r, r.seq_logprobs),
+            avg(c, c.seq_ref_logprobs),
+            avg(r, r.seq_ref_logprobs),
+            beta=beta,
+            loss_type="ipo",
+        )
     elif loss_type == "sigmoid":
         loss, metrics = losses.masked_dpo_loss(
-            c.seq_logprobs, r.seq_logprobs, c.seq_ref_logprobs, r.seq_ref_logprobs,
-            beta=beta, label_smoothing=label_smoothing, chosen_tokens=c.n_tokens, rejected_tokens=r.n_tokens,
-        )  # fmt: skip
+            c.seq_logprobs,
+            r.seq_logprobs,
+            c.seq_ref_logprobs,
+            r.seq_ref_logprobs,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            chosen_tokens=c.n_tokens,
+            rejected_tokens=r.n_tokens,
+        )
     else:
         loss, metrics = losses.dpo_loss(
-            c.seq_logprobs, r.seq_logprobs, c.seq_ref_logprobs, r.seq_ref_logprobs,
-            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-        )  # fmt: skip
+            c.seq_logprobs,
+            r.seq_logprobs,
+            c.seq_ref_logprobs,
+            r.seq_ref_logprobs,
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
     metrics.setdefault("tokens/chosen", c.n_tokens.mean().detach())
     metrics.setdefault("tokens/rejected", r.n_tokens.mean().detach())
     return loss, metrics
@@ -142,7 +180,17 @@ def forgetting_loss(
     ``loss = sum_bt -w_bt * logsigmoid(-beta * (logp_bt - ref_bt)) / #{w_bt != 0}`` (0 when all weights are 0);
     ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says.
     """
-    s = _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, ref_logprobs=ref_logprobs,
-                weights=weights, beta=beta, ignore_index=ignore_index, temperature=temperature)  # fmt: skip
+    s = _scores(
+        policy,
+        labels,
+        lm_head_weight,
+        lm_head_bias,
+        chunk_size,
+        ref_logprobs=ref_logprobs,
+        weights=weights,
+        beta=beta,
+        ignore_index=ignore_index,
+        temperature=temperature,
+    )
     ref = ref_logprobs.to(torch.float32)
     return losses.token_npo_loss(s.logprobs, torch.where(s.keep, ref, torch.zeros_like(ref)), s.weights, beta=beta)

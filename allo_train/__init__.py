@@ -6,4 +6,4 @@ Modules: ``config`` (YAML + overrides -> dataclasses), ``data`` (JSONL readers, 
 (a local character-level tokenizer for tests and demos). Import them directly; this package imports nothing heavy.
 """
 
-__all__ = ["config", "data", "checkpoint", "locate", "metrics", "tokenizer"]
+__all__ = ["checkpoint", "config", "data", "locate", "metrics", "tokenizer"]

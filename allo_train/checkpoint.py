@@ -30,9 +30,10 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -71,7 +72,8 @@ def _rank() -> int:
 
 
 def get_rng_state() -> dict[str, Any]:
-    """Python, numpy (if installed), torch CPU and CUDA RNG states, in a form ``torch.load(weights_only=True)`` reads."""
+    """Python, numpy (if installed), torch CPU and CUDA RNG states, in a form ``torch.load(weights_only=True)``
+    reads."""
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {"python": [py_version, list(py_state), py_gauss], "torch": torch.get_rng_state()}
     try:
@@ -151,7 +153,9 @@ class CheckpointManager:
         done = self.complete_checkpoints()
         return done[-1] if done else None
 
-    def load(self, path: str | Path | None = None, *, restore_rng: bool = True, rank: int | None = None) -> Checkpoint | None:
+    def load(
+        self, path: str | Path | None = None, *, restore_rng: bool = True, rank: int | None = None
+    ) -> Checkpoint | None:
         """Open ``path`` (must be complete) or, when None, the latest complete checkpoint (None if there is none).
         Restores this rank's RNG states unless ``restore_rng=False``."""
         if path is None:
@@ -160,10 +164,17 @@ class CheckpointManager:
                 return None
         path = Path(path)
         if not is_complete(path):
-            raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or not named checkpoint-<step>)")
+            raise ValueError(
+                f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker or not named checkpoint-<step>)"
+            )
         info = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        ckpt = Checkpoint(path=path, step=int(info["step"]), stage=info.get("stage"), data_state=info.get("data_state"),
-                          extra=info.get("extra") or {})
+        ckpt = Checkpoint(
+            path=path,
+            step=int(info["step"]),
+            stage=info.get("stage"),
+            data_state=info.get("data_state"),
+            extra=info.get("extra") or {},
+        )
         if restore_rng:
             ckpt.restore_rng(rank)
         return ckpt
@@ -206,7 +217,13 @@ class CheckpointManager:
         if is_main:
             for name, sd in (state_dicts or {}).items():
                 _torch_save(tmp / f"{name}.pt", sd)
-            info = {"step": step, "stage": stage, "data_state": data_state, "extra": dict(extra or {}), "time": time.time()}
+            info = {
+                "step": step,
+                "stage": stage,
+                "data_state": data_state,
+                "extra": dict(extra or {}),
+                "time": time.time(),
+            }
             _write_file(tmp / STATE_FILE, json.dumps(info, indent=2).encode())
             _fsync_tree(tmp)
             _write_file(tmp / COMPLETE_MARKER, b"")

@@ -35,9 +35,14 @@ def correct_answers(model_dir: str, input_path: str, output_path: str, *, max_ne
                 raise ValueError(f"{where}: field {key!r} must be a string, got {obj.get(key)!r}")
         ids = tokenizer(aligner_prompt(obj["question"], obj["answer"]), return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        rows.append({**obj, "correction": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+            out = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        rows.append({**obj, "correction": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)})
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "w") as f:
         for r in rows:
@@ -47,8 +52,9 @@ def correct_answers(model_dir: str, input_path: str, output_path: str, *, max_ne
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="allo-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="allo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=(*STAGES, "pipeline", "correct-answers", "demo"))
     parser.add_argument("--config", help="YAML config (TRL field names; see README)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")

@@ -32,7 +32,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -59,22 +59,22 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class StageTrainingArgs:
     """Training fields every training stage has; ``None`` means "take the top-level value"."""
 
-    data_path: Optional[str] = None
-    learning_rate: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
-    per_device_train_batch_size: Optional[int] = field(default=None, metadata=_range(1))
-    gradient_accumulation_steps: Optional[int] = field(default=None, metadata=_range(1))
-    num_train_epochs: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
-    max_steps: Optional[int] = field(default=None, metadata=_range(-1))
-    warmup_ratio: Optional[float] = field(default=None, metadata=_range(0, 1))
-    lr_scheduler_type: Optional[str] = field(default=None, metadata=_choices(*LR_SCHEDULERS))
-    weight_decay: Optional[float] = field(default=None, metadata=_range(0))
-    max_grad_norm: Optional[float] = field(default=None, metadata=_range(0))
-    max_length: Optional[int] = field(default=None, metadata=_range(2))
-    max_prompt_length: Optional[int] = field(default=None, metadata=_range(1))
-    logging_steps: Optional[int] = field(default=None, metadata=_range(1))
-    save_steps: Optional[int] = field(default=None, metadata=_range(1))
-    eval_fraction: Optional[float] = field(default=None, metadata=_range(0, 1, hi_open=True))
-    eval_steps: Optional[int] = field(default=None, metadata=_range(1))
+    data_path: str | None = None
+    learning_rate: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    per_device_train_batch_size: int | None = field(default=None, metadata=_range(1))
+    gradient_accumulation_steps: int | None = field(default=None, metadata=_range(1))
+    num_train_epochs: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    max_steps: int | None = field(default=None, metadata=_range(-1))
+    warmup_ratio: float | None = field(default=None, metadata=_range(0, 1))
+    lr_scheduler_type: str | None = field(default=None, metadata=_choices(*LR_SCHEDULERS))
+    weight_decay: float | None = field(default=None, metadata=_range(0))
+    max_grad_norm: float | None = field(default=None, metadata=_range(0))
+    max_length: int | None = field(default=None, metadata=_range(2))
+    max_prompt_length: int | None = field(default=None, metadata=_range(1))
+    logging_steps: int | None = field(default=None, metadata=_range(1))
+    save_steps: int | None = field(default=None, metadata=_range(1))
+    eval_fraction: float | None = field(default=None, metadata=_range(0, 1, hi_open=True))
+    eval_steps: int | None = field(default=None, metadata=_range(1))
 
 
 @dataclass
@@ -96,9 +96,9 @@ class CorrectStageConfig(StageTrainingArgs):
 class WarmupStageConfig(StageTrainingArgs):
     """Full-parameter DPO on preference JSONL; its result is theta_warm for ``locate``."""
 
-    beta: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: Optional[str] = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
-    label_smoothing: Optional[float] = field(default=None, metadata=_range(0, 0.5))
+    beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    loss_type: str | None = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
+    label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
 
 
 @dataclass
@@ -111,9 +111,9 @@ class LocateStageConfig:
     ratio: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
     scope: str = field(default="global", metadata=_choices("global", "per_matrix"))
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    start_model: Optional[str] = None  # None: model_name_or_path
-    warm_model: Optional[str] = None  # None: the warm-up stage's output
-    data_path: Optional[str] = None  # "grad": preference data whose DPO gradients are accumulated; None: warmup's
+    start_model: str | None = None  # None: model_name_or_path
+    warm_model: str | None = None  # None: the warm-up stage's output
+    data_path: str | None = None  # "grad": preference data whose DPO gradients are accumulated; None: warmup's
     grad_num_batches: int = field(default=16, metadata=_range(1))
 
 
@@ -121,23 +121,25 @@ class LocateStageConfig:
 class ForgetStageConfig(StageTrainingArgs):
     """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
 
-    ratio: Optional[float] = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
-    token_weight_source: str = field(default="token_weights", metadata=_choices("token_weights", "corrected", "scoring_model"))
-    scoring_model: Optional[str] = None  # required when token_weight_source == "scoring_model"
-    beta: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
+    token_weight_source: str = field(
+        default="token_weights", metadata=_choices("token_weights", "corrected", "scoring_model")
+    )
+    scoring_model: str | None = None  # required when token_weight_source == "scoring_model"
+    beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
 
 
 @dataclass
 class ImproveStageConfig(StageTrainingArgs):
     """ALLO improving: DPO whose rejected side masks a fraction of tokens, updating only the located neurons."""
 
-    ratio: Optional[float] = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
+    ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
     mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
     mask_by: str = field(default="highest", metadata=_choices("highest", "lowest"))
     mask_scope: str = field(default="sequence", metadata=_choices("sequence", "batch"))
-    beta: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: Optional[str] = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
-    label_smoothing: Optional[float] = field(default=None, metadata=_range(0, 0.5))
+    beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
+    loss_type: str | None = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
+    label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
 
 
 @dataclass
@@ -152,8 +154,8 @@ class PipelineConfig:
 
 @dataclass
 class TrainConfig:
-    model_name_or_path: Optional[str] = None
-    tokenizer_name_or_path: Optional[str] = None  # None: model_name_or_path
+    model_name_or_path: str | None = None
+    tokenizer_name_or_path: str | None = None  # None: model_name_or_path
     trust_remote_code: bool = False
     output_dir: str = "outputs"
     seed: int = 42
@@ -176,14 +178,14 @@ class TrainConfig:
     max_prompt_length: int = field(default=512, metadata=_range(1))
     bf16: bool = False
     gradient_checkpointing: bool = False
-    deepspeed: Union[str, dict, None] = None  # path to a DeepSpeed JSON/YAML, or the config inline
+    deepspeed: str | dict | None = None  # path to a DeepSpeed JSON/YAML, or the config inline
     logging_steps: int = field(default=10, metadata=_range(1))
     save_steps: int = field(default=500, metadata=_range(1))
-    save_total_limit: Optional[int] = field(default=2, metadata=_range(1))
+    save_total_limit: int | None = field(default=2, metadata=_range(1))
     eval_fraction: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # held-out share, split by seed
-    eval_steps: Optional[int] = field(default=None, metadata=_range(1))  # None: logging_steps
+    eval_steps: int | None = field(default=None, metadata=_range(1))  # None: logging_steps
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
-    resume_from_checkpoint: Union[bool, str] = False  # True: the latest complete checkpoint in the stage dir
+    resume_from_checkpoint: bool | str = False  # True: the latest complete checkpoint in the stage dir
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
@@ -336,7 +338,9 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
     for key in raw:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ValueError(f"unknown config key {prefix + str(key)!r} (value {raw[key]!r}); known keys in {where}: {known}")
+            raise ValueError(
+                f"unknown config key {prefix + str(key)!r} (value {raw[key]!r}); known keys in {where}: {known}"
+            )
     kwargs = {}
     for name, value in raw.items():
         dotted = prefix + name
@@ -465,7 +469,9 @@ def _resolve_and_check(cfg: TrainConfig) -> None:
                 re.compile(pattern[3:])
             except re.error as e:
                 raise ValueError(f"config key 'locate.exclude[{i}]' is not a valid regex: {pattern!r} ({e})") from None
-    for prefix, section in [("", cfg)] + [(s + ".", getattr(cfg, s)) for s in ("sft", "correct", "warmup", "forget", "improve")]:
+    for prefix, section in [("", cfg)] + [
+        (s + ".", getattr(cfg, s)) for s in ("sft", "correct", "warmup", "forget", "improve")
+    ]:
         if section.max_prompt_length >= section.max_length:
             raise ValueError(
                 f"config key {prefix + 'max_prompt_length'!r} must be < {prefix + 'max_length'} "

@@ -43,15 +43,16 @@ import difflib
 import json
 import math
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100
 Messages = list  # list[dict[str, str]] with "role" and "content"
-Text = Union[str, Messages]
+Text = str | Messages
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,7 +140,9 @@ def _text(where: str, obj: dict, key: str) -> Text:
                     f"{where}: field {key!r} message {i} must be {{'role': str, 'content': str}}, got {_describe(m)}"
                 )
         return value
-    raise ValueError(f"{where}: field {key!r} must be a string or a non-empty list of chat messages, got {_describe(value)}")
+    raise ValueError(
+        f"{where}: field {key!r} must be a string or a non-empty list of chat messages, got {_describe(value)}"
+    )
 
 
 def _response(where: str, obj: dict, key: str, prompt: Text) -> Text:
@@ -182,7 +185,9 @@ def load_forgetting_jsonl(path: str | Path, *, token_weight_source: str = "token
             if not isinstance(weights, list) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
             ):
-                raise ValueError(f"{where}: field 'token_weights' must be a list of finite numbers, got {_describe(weights)}")
+                raise ValueError(
+                    f"{where}: field 'token_weights' must be a list of finite numbers, got {_describe(weights)}"
+                )
             ex.token_weights = [float(w) for w in weights]
         elif token_weight_source == "corrected":
             ex.corrected = _response(where, obj, "corrected", prompt)
@@ -231,7 +236,9 @@ def _plain_messages(messages: Messages) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
 
 
-def encode_prompt_response(tokenizer, prompt: Text, response: Text, *, source: str = "") -> tuple[list[int], list[int], int]:
+def encode_prompt_response(
+    tokenizer, prompt: Text, response: Text, *, source: str = ""
+) -> tuple[list[int], list[int], int]:
     """Tokenize one prompt/response pair (no truncation). Returns ``(prompt_ids, response_ids, n_core)`` where the
     first ``n_core`` response ids are the response text's own tokens (what ``token_weights`` cover) and the rest is the
     appended EOS, if any."""
@@ -264,7 +271,9 @@ def response_token_ids(tokenizer, prompt: Text, response: Text) -> list[int]:
     return response_ids[:n_core]
 
 
-def truncate(prompt_ids: list[int], response_ids: list[int], *, max_length: int, max_prompt_length: int) -> tuple[list[int], list[int]]:
+def truncate(
+    prompt_ids: list[int], response_ids: list[int], *, max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[int]]:
     """Keep the prompt's last ``max_prompt_length`` tokens, then the response's first ``max_length - len(prompt)``."""
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
@@ -358,7 +367,9 @@ def tokenize_correction(
     return tokenize_sft(sft, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
 
 
-def identity_warmup_examples(examples: Sequence[CorrectionExample], *, fraction: float, seed: int) -> list[CorrectionExample]:
+def identity_warmup_examples(
+    examples: Sequence[CorrectionExample], *, fraction: float, seed: int
+) -> list[CorrectionExample]:
     """Aligner's identity warm-up: ``floor(fraction * n)`` examples, drawn deterministically by ``seed``, turned into
     answer -> answer pairs (correction = answer). Train on these first, then on all Q-A-C examples."""
     if not 0.0 <= fraction <= 1.0:
@@ -366,7 +377,9 @@ def identity_warmup_examples(examples: Sequence[CorrectionExample], *, fraction:
     n = math.floor(fraction * len(examples) + 1e-9)
     picked = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [
-        CorrectionExample(examples[i].question, examples[i].answer, examples[i].answer, examples[i].source + " (identity)")
+        CorrectionExample(
+            examples[i].question, examples[i].answer, examples[i].answer, examples[i].source + " (identity)"
+        )
         for i in picked
     ]
 
@@ -422,14 +435,19 @@ class ForgettingCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = _lm_batch(
-            [f["input_ids"] for f in features], [f["labels"] for f in features], self.pad_token_id, self.pad_to_multiple_of
+            [f["input_ids"] for f in features],
+            [f["labels"] for f in features],
+            self.pad_token_id,
+            self.pad_to_multiple_of,
         )
         has = ["token_weights" in f for f in features]
         if any(has):
             if not all(has):
                 missing = next(f.get("source", "?") for f in features if "token_weights" not in f)
                 raise ValueError(f"{missing}: example has no token_weights but others in the batch do")
-            batch["token_weights"] = _pad([f["token_weights"] for f in features], 0.0, batch["input_ids"].shape[1], torch.float32)
+            batch["token_weights"] = _pad(
+                [f["token_weights"] for f in features], 0.0, batch["input_ids"].shape[1], torch.float32
+            )
         return batch
 
 
@@ -442,7 +460,10 @@ class SFTCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         return _lm_batch(
-            [f["input_ids"] for f in features], [f["labels"] for f in features], self.pad_token_id, self.pad_to_multiple_of
+            [f["input_ids"] for f in features],
+            [f["labels"] for f in features],
+            self.pad_token_id,
+            self.pad_to_multiple_of,
         )
 
 
@@ -474,10 +495,20 @@ class ResumableSampler(torch.utils.data.Sampler):
     prefetch, record the consumed count yourself and pass it to ``load_state_dict``. Iterating past the end of an
     epoch moves to the next one."""
 
-    def __init__(self, num_examples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
         if num_examples < 0 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sampler arguments: num_examples={num_examples}, rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"bad sampler arguments: num_examples={num_examples}, rank={rank}, world_size={world_size}"
+            )
         self.num_examples, self.seed, self.shuffle = num_examples, seed, shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0

@@ -75,14 +75,46 @@ class DemoSettings:
 # Tuned on seed 0 (a small sweep of learning rates, beta, steps and locate ratio; see the module docstring for what
 # each row means). beta is large because with beta=0.1 DPO drove this tiny model's chosen log-probs down with the
 # rejected ones and greedy accuracy fell below the SFT model's.
-FULL = DemoSettings(held_out=400, sft_examples=600, align_prompts=3000, samples_per_prompt=3, hidden_size=64,
-                    num_layers=2, num_heads=4, sft_steps=700, sft_lr=3e-3, batch_size=64, warmup_steps=30,
-                    forget_steps=30, improve_steps=240, dpo_lr=3e-4, allo_lr=1e-3, beta=2.0, locate_ratio=0.25,
-                    mask_fraction=0.4)  # fmt: skip
-QUICK = DemoSettings(held_out=100, sft_examples=300, align_prompts=300, samples_per_prompt=2, hidden_size=64,
-                     num_layers=2, num_heads=4, sft_steps=250, sft_lr=3e-3, batch_size=32, warmup_steps=8,
-                     forget_steps=8, improve_steps=8, dpo_lr=3e-4, allo_lr=1e-3, beta=2.0, locate_ratio=0.25,
-                     mask_fraction=0.4)  # fmt: skip
+FULL = DemoSettings(
+    held_out=400,
+    sft_examples=600,
+    align_prompts=3000,
+    samples_per_prompt=3,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    sft_steps=700,
+    sft_lr=3e-3,
+    batch_size=64,
+    warmup_steps=30,
+    forget_steps=30,
+    improve_steps=240,
+    dpo_lr=3e-4,
+    allo_lr=1e-3,
+    beta=2.0,
+    locate_ratio=0.25,
+    mask_fraction=0.4,
+)
+QUICK = DemoSettings(
+    held_out=100,
+    sft_examples=300,
+    align_prompts=300,
+    samples_per_prompt=2,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    sft_steps=250,
+    sft_lr=3e-3,
+    batch_size=32,
+    warmup_steps=8,
+    forget_steps=8,
+    improve_steps=8,
+    dpo_lr=3e-4,
+    allo_lr=1e-3,
+    beta=2.0,
+    locate_ratio=0.25,
+    mask_fraction=0.4,
+)
 
 
 def _say(msg: str) -> None:
@@ -97,7 +129,7 @@ def make_problems(seed: int, s: DemoSettings) -> dict[str, list[tuple[int, int]]
     n_h, n_s, n_a = s.held_out, s.sft_examples, s.align_prompts
     if n_h + n_s + n_a > len(pairs):
         raise ValueError(f"held_out + sft_examples + align_prompts must be <= {len(pairs)}, got {n_h + n_s + n_a}")
-    return {"held_out": pairs[:n_h], "sft": pairs[n_h:n_h + n_s], "align": pairs[n_h + n_s:n_h + n_s + n_a]}
+    return {"held_out": pairs[:n_h], "sft": pairs[n_h : n_h + n_s], "align": pairs[n_h + n_s : n_h + n_s + n_a]}
 
 
 def prompt_of(a: int, b: int) -> str:
@@ -124,20 +156,29 @@ def load_model(model_dir: Path):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, sample: bool = False, num_return_sequences: int = 1,
-             batch_size: int = 512) -> list[list[str]]:  # fmt: skip
+def generate(
+    model, tokenizer, prompts: list[str], *, sample: bool = False, num_return_sequences: int = 1, batch_size: int = 512
+) -> list[list[str]]:
     """Answers per prompt (greedy, or ``num_return_sequences`` samples at temperature 1). All prompts have the same
     length, so batches need no padding."""
     out: list[list[str]] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+        chunk = prompts[i : i + batch_size]
         ids = tokenizer(chunk, return_tensors="pt").input_ids  # <bos> + characters
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
-                             do_sample=sample, temperature=1.0 if sample else None, top_k=None, top_p=None,
-                             num_return_sequences=num_return_sequences, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-        out.extend(texts[j * num_return_sequences:(j + 1) * num_return_sequences] for j in range(len(chunk)))
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=sample,
+            temperature=1.0 if sample else None,
+            top_k=None,
+            top_p=None,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        out.extend(texts[j * num_return_sequences : (j + 1) * num_return_sequences] for j in range(len(chunk)))
     return out
 
 
@@ -149,8 +190,9 @@ def exact_match(model_dir: Path, tokenizer, problems: list[tuple[int, int]]) -> 
     return 100.0 * right / len(problems)
 
 
-def build_alignment_data(model_dir: Path, tokenizer, problems: list[tuple[int, int]], out: Path, *, seed: int,
-                         samples_per_prompt: int) -> dict:  # fmt: skip
+def build_alignment_data(
+    model_dir: Path, tokenizer, problems: list[tuple[int, int]], out: Path, *, seed: int, samples_per_prompt: int
+) -> dict:
     """The SFT model's own wrong answers -> preference pairs and forgetting data (corrected = ground truth)."""
     model = load_model(model_dir)
     prompts = [prompt_of(a, b) for a, b in problems]
@@ -173,8 +215,13 @@ def build_alignment_data(model_dir: Path, tokenizer, problems: list[tuple[int, i
         raise RuntimeError("the SFT model answered every alignment prompt correctly: no preference pair to learn from")
     _write_jsonl(out / "preference.jsonl", pref)
     _write_jsonl(out / "forget.jsonl", forget)
-    return {"prompts": len(prompts), "answers": n_answers, "own_correct_rate": n_correct / max(n_answers, 1),
-            "preference_pairs": len(pref), "forget_examples": len(forget)}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "answers": n_answers,
+        "own_correct_rate": n_correct / max(n_answers, 1),
+        "preference_pairs": len(pref),
+        "forget_examples": len(forget),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- configs
@@ -200,34 +247,57 @@ def _common(seed: int, s: DemoSettings) -> dict:
 def sft_config(out: Path, model: Path, data: Path, steps: int, seed: int, s: DemoSettings):
     from .config import config_from_dict
 
-    return config_from_dict({**_common(seed, s), "model_name_or_path": str(model), "output_dir": str(out),
-                             "pipeline": {"stages": ["sft"]},
-                             "sft": {"data_path": str(data), "max_steps": steps, "learning_rate": s.sft_lr}})  # fmt: skip
+    return config_from_dict(
+        {
+            **_common(seed, s),
+            "model_name_or_path": str(model),
+            "output_dir": str(out),
+            "pipeline": {"stages": ["sft"]},
+            "sft": {"data_path": str(data), "max_steps": steps, "learning_rate": s.sft_lr},
+        }
+    )
 
 
 def allo_config(out: Path, sft_model: Path, pref: Path, forget: Path, seed: int, s: DemoSettings):
     from .config import config_from_dict
 
-    return config_from_dict({
-        **_common(seed, s), "model_name_or_path": str(sft_model), "output_dir": str(out),
-        "pipeline": {"stages": ["warmup", "locate", "forget", "improve"]},
-        "warmup": {"data_path": str(pref), "max_steps": s.warmup_steps, "learning_rate": s.dpo_lr},
-        "locate": {"importance": "delta", "granularity": "row", "ratio": s.locate_ratio},
-        "forget": {"data_path": str(forget), "token_weight_source": "corrected", "max_steps": s.forget_steps,
-                   "learning_rate": s.allo_lr},
-        "improve": {"data_path": str(pref), "max_steps": s.improve_steps, "learning_rate": s.allo_lr,
-                    "mask_fraction": s.mask_fraction},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            **_common(seed, s),
+            "model_name_or_path": str(sft_model),
+            "output_dir": str(out),
+            "pipeline": {"stages": ["warmup", "locate", "forget", "improve"]},
+            "warmup": {"data_path": str(pref), "max_steps": s.warmup_steps, "learning_rate": s.dpo_lr},
+            "locate": {"importance": "delta", "granularity": "row", "ratio": s.locate_ratio},
+            "forget": {
+                "data_path": str(forget),
+                "token_weight_source": "corrected",
+                "max_steps": s.forget_steps,
+                "learning_rate": s.allo_lr,
+            },
+            "improve": {
+                "data_path": str(pref),
+                "max_steps": s.improve_steps,
+                "learning_rate": s.allo_lr,
+                "mask_fraction": s.mask_fraction,
+            },
+        }
+    )
 
 
 def dpo_config(out: Path, sft_model: Path, pref: Path, seed: int, s: DemoSettings):
     """The full-DPO baseline is the warmup stage (dense DPO) run for the whole alignment budget."""
     from .config import config_from_dict
 
-    return config_from_dict({**_common(seed, s), "model_name_or_path": str(sft_model), "output_dir": str(out),
-                             "pipeline": {"stages": ["warmup"]},
-                             "warmup": {"data_path": str(pref), "max_steps": s.align_budget,
-                                        "learning_rate": s.dpo_lr}})  # fmt: skip
+    return config_from_dict(
+        {
+            **_common(seed, s),
+            "model_name_or_path": str(sft_model),
+            "output_dir": str(out),
+            "pipeline": {"stages": ["warmup"]},
+            "warmup": {"data_path": str(pref), "max_steps": s.align_budget, "learning_rate": s.dpo_lr},
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -246,8 +316,18 @@ def results_table(rows: list[dict]) -> str:
     head = ["model", "stage", "held-out exact match %", "trained params %", "steps after SFT", "seed"]
     lines = [_fmt_row(head), _fmt_row(["---"] * len(head))]
     for r in rows:
-        lines.append(_fmt_row([r["model"], r["stage"], f"{r['exact_match']:.1f}", f"{r['trained_params_pct']:.1f}",
-                               str(r["steps_after_sft"]), str(r["seed"])]))  # fmt: skip
+        lines.append(
+            _fmt_row(
+                [
+                    r["model"],
+                    r["stage"],
+                    f"{r['exact_match']:.1f}",
+                    f"{r['trained_params_pct']:.1f}",
+                    str(r["steps_after_sft"]),
+                    str(r["seed"]),
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -256,14 +336,24 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
 
     fig = Figure(figsize=(10, 4.5))
     ax = fig.add_subplot(1, 1, 1)
-    labels = [f"{r['model']}\n{r['stage'].split(' (')[0]}" + (f"\n+{r['steps_after_sft']} steps" if r["steps_after_sft"] else "")
-              for r in rows]
-    colors = ["#999999" if r["model"] in ("base", "SFT", "SFT-only") else "#d62728" if r["model"] == "full DPO"
-              else "#1f77b4" for r in rows]  # fmt: skip
+    labels = [
+        f"{r['model']}\n{r['stage'].split(' (')[0]}"
+        + (f"\n+{r['steps_after_sft']} steps" if r["steps_after_sft"] else "")
+        for r in rows
+    ]
+    colors = [
+        "#999999" if r["model"] in ("base", "SFT", "SFT-only") else "#d62728" if r["model"] == "full DPO" else "#1f77b4"
+        for r in rows
+    ]
     bars = ax.bar(range(len(rows)), [r["exact_match"] for r in rows], color=colors)
     for bar, r in zip(bars, rows):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.5, f"{r['exact_match']:.1f}", ha="center",
-                fontsize=8)  # fmt: skip
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height() + 0.5,
+            f"{r['exact_match']:.1f}",
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("held-out exact match (%)")
@@ -349,44 +439,73 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
 
     _say(f"output in {out}/ (seed {seed}, {'quick' if quick else 'full'} settings, {torch.get_num_threads()} threads)")
     problems = make_problems(seed, s)
-    sft_path = _write_jsonl(out / "data" / "sft.jsonl",
-                            [{"prompt": prompt_of(a, b), "completion": answer_of(a, b)} for a, b in problems["sft"]])
-    _write_jsonl(out / "data" / "held_out.jsonl",
-                 [{"prompt": prompt_of(a, b), "answer": answer_of(a, b)} for a, b in problems["held_out"]])
+    sft_path = _write_jsonl(
+        out / "data" / "sft.jsonl",
+        [{"prompt": prompt_of(a, b), "completion": answer_of(a, b)} for a, b in problems["sft"]],
+    )
+    _write_jsonl(
+        out / "data" / "held_out.jsonl",
+        [{"prompt": prompt_of(a, b), "answer": answer_of(a, b)} for a, b in problems["held_out"]],
+    )
     tokenizer = build_char_tokenizer(CHARS, save_dir=out / "tokenizer")
-    base = build_tiny_llama(tokenizer, out / "base", hidden_size=s.hidden_size, num_layers=s.num_layers,
-                            num_heads=s.num_heads, max_position_embeddings=32, seed=seed)  # fmt: skip
+    base = build_tiny_llama(
+        tokenizer,
+        out / "base",
+        hidden_size=s.hidden_size,
+        num_layers=s.num_layers,
+        num_heads=s.num_heads,
+        max_position_embeddings=32,
+        seed=seed,
+    )
     n_params = sum(p.numel() for p in load_model(base).parameters())
-    _say(f"task: two-digit addition; {len(problems['sft'])} SFT problems, {len(problems['align'])} alignment "
-         f"prompts, {len(problems['held_out'])} held-out problems; tiny Llama with {n_params:,} parameters")  # fmt: skip
+    _say(
+        f"task: two-digit addition; {len(problems['sft'])} SFT problems, {len(problems['align'])} alignment "
+        f"prompts, {len(problems['held_out'])} held-out problems; tiny Llama with {n_params:,} parameters"
+    )
 
     rows: list[dict] = []
 
     def add_row(model: str, stage: str, path: Path, trained_pct: float, steps: int) -> None:
         em = exact_match(path, tokenizer, problems["held_out"])
-        rows.append({"model": model, "stage": stage, "exact_match": em, "trained_params_pct": trained_pct,
-                     "steps_after_sft": steps, "seed": seed, "model_dir": str(path)})  # fmt: skip
+        rows.append(
+            {
+                "model": model,
+                "stage": stage,
+                "exact_match": em,
+                "trained_params_pct": trained_pct,
+                "steps_after_sft": steps,
+                "seed": seed,
+                "model_dir": str(path),
+            }
+        )
         _say(f"held-out exact match of {model} ({stage}): {em:.1f}%")
 
     add_row("base", "random init", base, 0.0, 0)
 
-    _say(f"stage 1/3: SFT on {len(problems['sft'])} problems for {s.sft_steps} steps (data and budget kept small on "
-         "purpose: the model should still make mistakes)")
+    _say(
+        f"stage 1/3: SFT on {len(problems['sft'])} problems for {s.sft_steps} steps (data and budget kept small on "
+        "purpose: the model should still make mistakes)"
+    )
     sft_cfg = sft_config(out / "sft", base, sft_path, s.sft_steps, seed, s)
     run_stage(sft_cfg, "sft")
     sft_model = model_dir(sft_cfg, "sft")
     add_row("SFT", f"sft ({s.sft_steps} steps)", sft_model, 100.0, 0)
 
     _say("stage 2/3: the SFT model answers fresh problems; its wrong answers become preference and forgetting data")
-    data_stats = build_alignment_data(sft_model, tokenizer, problems["align"], out / "data", seed=seed,
-                                      samples_per_prompt=s.samples_per_prompt)  # fmt: skip
-    _say(f"  {data_stats['answers']} answers, {100 * data_stats['own_correct_rate']:.1f}% correct -> "
-         f"{data_stats['preference_pairs']} preference pairs, {data_stats['forget_examples']} forgetting examples")
+    data_stats = build_alignment_data(
+        sft_model, tokenizer, problems["align"], out / "data", seed=seed, samples_per_prompt=s.samples_per_prompt
+    )
+    _say(
+        f"  {data_stats['answers']} answers, {100 * data_stats['own_correct_rate']:.1f}% correct -> "
+        f"{data_stats['preference_pairs']} preference pairs, {data_stats['forget_examples']} forgetting examples"
+    )
     pref_path, forget_path = out / "data" / "preference.jsonl", out / "data" / "forget.jsonl"
 
     budget = s.align_budget
-    _say(f"stage 3/3: ALLO (warmup {s.warmup_steps} -> locate -> forget {s.forget_steps} -> improve "
-         f"{s.improve_steps} steps) and the baselines at the same budget of {budget} steps")  # fmt: skip
+    _say(
+        f"stage 3/3: ALLO (warmup {s.warmup_steps} -> locate -> forget {s.forget_steps} -> improve "
+        f"{s.improve_steps} steps) and the baselines at the same budget of {budget} steps"
+    )
     allo_cfg = allo_config(out / "allo", sft_model, pref_path, forget_path, seed, s)
     run_pipeline(allo_cfg)
     stats = json.loads((allo_cfg.stage_dir("locate") / "mask_stats.json").read_text())
@@ -406,10 +525,14 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
     _say("evaluating every model on the held-out problems (greedy decoding)")
     add_row("SFT-only", f"sft (+{budget} steps)", model_dir(sft_more_cfg, "sft"), 100.0, budget)
     add_row("full DPO", f"dpo ({budget} steps)", model_dir(dpo_cfg, "warmup"), 100.0, budget)
-    add_row("ALLO", f"warmup (dense DPO, {s.warmup_steps} steps)", model_dir(allo_cfg, "warmup"), 100.0,
-            s.warmup_steps)  # fmt: skip
-    add_row("ALLO", f"forget ({s.forget_steps} steps)", model_dir(allo_cfg, "forget"), located_pct,
-            s.warmup_steps + s.forget_steps)  # fmt: skip
+    add_row("ALLO", f"warmup (dense DPO, {s.warmup_steps} steps)", model_dir(allo_cfg, "warmup"), 100.0, s.warmup_steps)
+    add_row(
+        "ALLO",
+        f"forget ({s.forget_steps} steps)",
+        model_dir(allo_cfg, "forget"),
+        located_pct,
+        s.warmup_steps + s.forget_steps,
+    )
     add_row("ALLO", f"improve ({s.improve_steps} steps)", model_dir(allo_cfg, "improve"), located_pct, budget)
 
     table = results_table(rows)
@@ -417,25 +540,41 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
         "results_md": out / "results.md",
         "results_json": out / "results.json",
         "accuracy_plot": plot_accuracy(rows, out / "accuracy.png"),
-        "loss_plot": plot_losses({"sft": sft_cfg.stage_dir("sft"), "ALLO warmup": allo_cfg.stage_dir("warmup"),
-                                  "ALLO forget": allo_cfg.stage_dir("forget"),
-                                  "ALLO improve": allo_cfg.stage_dir("improve"),
-                                  "full DPO": dpo_cfg.stage_dir("warmup"), "SFT-only": sft_more_cfg.stage_dir("sft")},
-                                 out / "loss_curves.png"),  # fmt: skip
+        "loss_plot": plot_losses(
+            {
+                "sft": sft_cfg.stage_dir("sft"),
+                "ALLO warmup": allo_cfg.stage_dir("warmup"),
+                "ALLO forget": allo_cfg.stage_dir("forget"),
+                "ALLO improve": allo_cfg.stage_dir("improve"),
+                "full DPO": dpo_cfg.stage_dir("warmup"),
+                "SFT-only": sft_more_cfg.stage_dir("sft"),
+            },
+            out / "loss_curves.png",
+        ),
         "mask_heatmap": out / "mask_heatmap.png",
     }
     shutil.copyfile(allo_cfg.stage_dir("locate") / "mask_heatmap.png", files["mask_heatmap"])
     wall = time.perf_counter() - t0
-    result = {"seed": seed, "quick": quick, "settings": asdict(s), "data": data_stats, "rows": rows, "table": table,
-              "located_rows": rows_sel, "candidate_rows": rows_all, "wall_seconds": wall,
-              "torch_threads": torch.get_num_threads(), "files": {k: str(v) for k, v in files.items()}}  # fmt: skip
+    result = {
+        "seed": seed,
+        "quick": quick,
+        "settings": asdict(s),
+        "data": data_stats,
+        "rows": rows,
+        "table": table,
+        "located_rows": rows_sel,
+        "candidate_rows": rows_all,
+        "wall_seconds": wall,
+        "torch_threads": torch.get_num_threads(),
+        "files": {k: str(v) for k, v in files.items()},
+    }
     files["results_md"].write_text(
         f"# allo demo: held-out exact match on two-digit addition\n\n{table}\n\n"
         f"{TABLE_NOTE}\n\n"
         f"seed {seed}; batch size {s.batch_size}; {len(problems['held_out'])} held-out problems; greedy decoding; "
         f"{data_stats['preference_pairs']} preference pairs from the SFT model's own wrong answers; "
         f"wall time {wall:.0f} s (torch on 1 CPU thread).\n"
-    )  # fmt: skip
+    )
     files["results_json"].write_text(json.dumps(result, indent=2))
     print("\n" + table + "\n\n" + TABLE_NOTE + "\n", flush=True)
     _say(f"done in {wall:.0f} s; results.md, accuracy.png, loss_curves.png, mask_heatmap.png in {out}/")

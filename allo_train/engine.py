@@ -40,9 +40,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   init_method=init_method, rank=int(os.environ["RANK"]),
-                                   world_size=int(os.environ["WORLD_SIZE"]))
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            init_method=init_method,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -52,8 +57,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def deepspeed_config(user: dict | None, *, micro_batch_size: int, gradient_accumulation_steps: int,
-                     max_grad_norm: float, bf16: bool) -> dict:  # fmt: skip
+def deepspeed_config(
+    user: dict | None, *, micro_batch_size: int, gradient_accumulation_steps: int, max_grad_norm: float, bf16: bool
+) -> dict:
     """The user's DeepSpeed config with the training fields that allo_train owns filled in.
 
     allo_train passes its own optimizer (SparseAdamW) and schedule, so an "optimizer"/"scheduler" section in the
@@ -62,12 +68,16 @@ def deepspeed_config(user: dict | None, *, micro_batch_size: int, gradient_accum
     ds = copy.deepcopy(user or {})
     for key in _DS_OWNED_KEYS:
         if key in ds:
-            raise ValueError(f"deepspeed.{key} is not supported: allo_train uses SparseAdamW and its own LR schedule "
-                             "(set learning_rate / lr_scheduler_type / weight_decay in the allo config instead)")
+            raise ValueError(
+                f"deepspeed.{key} is not supported: allo_train uses SparseAdamW and its own LR schedule "
+                "(set learning_rate / lr_scheduler_type / weight_decay in the allo config instead)"
+            )
     ds.setdefault("zero_optimization", {"stage": 0})
     if bf16 and int(ds["zero_optimization"].get("stage", 0)) == 0:
-        raise ValueError("config key 'deepspeed.zero_optimization.stage' must be >= 1 with bf16: SparseAdamW binds to "
-                         "ZeRO's fp32 partitions (DeepSpeed's stage-0 bf16 wrapper is not supported), got stage 0")
+        raise ValueError(
+            "config key 'deepspeed.zero_optimization.stage' must be >= 1 with bf16: SparseAdamW binds to "
+            "ZeRO's fp32 partitions (DeepSpeed's stage-0 bf16 wrapper is not supported), got stage 0"
+        )
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = micro_batch_size
     ds["gradient_accumulation_steps"] = gradient_accumulation_steps
@@ -100,9 +110,17 @@ def lr_lambda(kind: str, *, total_steps: int, warmup_steps: int):
     return fn
 
 
-def initialize(module: torch.nn.Module, *, ds_config: dict, learning_rate: float, weight_decay: float,
-               masks: dict[str, torch.Tensor] | None, lr_scheduler_type: str, total_steps: int,
-               warmup_steps: int):  # fmt: skip
+def initialize(
+    module: torch.nn.Module,
+    *,
+    ds_config: dict,
+    learning_rate: float,
+    weight_decay: float,
+    masks: dict[str, torch.Tensor] | None,
+    lr_scheduler_type: str,
+    total_steps: int,
+    warmup_steps: int,
+):
     """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine.
 
     masks: {parameter name: bool mask} (names as in ``module.named_parameters()``). Parameters whose mask selects

@@ -79,7 +79,9 @@ def delta_importance(
         if not w.is_floating_point():
             continue
         if tuple(w.shape) != tuple(s.shape):
-            raise ValueError(f"parameter {name!r} has shape {tuple(s.shape)} at start but {tuple(w.shape)} after warm-up")
+            raise ValueError(
+                f"parameter {name!r} has shape {tuple(s.shape)} at start but {tuple(w.shape)} after warm-up"
+            )
         imp = (w.detach().float() - s.detach().float().to(w.device)).abs_()
         if learning_rate is not None:
             imp.div_(learning_rate)
@@ -131,7 +133,7 @@ class SafetensorsState(Mapping):
         self._where: dict[str, Path] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
+                for key in h.keys():  # noqa: SIM118  (safe_open is not iterable)
                     self._where[key] = f
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -256,8 +258,9 @@ def top_k_masks(scores: Sequence[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 def _check_importance(name: str, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"importance[{name!r}] must be a floating tensor, got {type(x).__name__} "
-                         f"{getattr(x, 'dtype', '')}")
+        raise ValueError(
+            f"importance[{name!r}] must be a floating tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}"
+        )
     x = x.detach().float()
     if bool(torch.isnan(x).any()) or bool((x < 0).any()):
         raise ValueError(f"importance[{name!r}] must be >= 0 and not NaN (got min {float(x.min())})")

@@ -52,8 +52,14 @@ class MetricsLogger:
     ``torch.utils.tensorboard`` can be imported (it needs the ``tensorboard`` package); otherwise it is skipped with a
     note in ``self.tensorboard_error``."""
 
-    def __init__(self, output_dir: str | Path, *, stage: str | None = None, enabled: bool | None = None,
-                 tensorboard: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        stage: str | None = None,
+        enabled: bool | None = None,
+        tensorboard: bool = False,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.stage = stage
         self.enabled = is_main_process() if enabled is None else enabled
@@ -64,7 +70,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (held open until close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

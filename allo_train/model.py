@@ -17,7 +17,7 @@ from torch import nn
 
 
 def attention_implementation() -> str:
-    """"auto": flash-attn 2 when it is installed and CUDA is there, else PyTorch SDPA."""
+    """ "auto": flash-attn 2 when it is installed and CUDA is there, else PyTorch SDPA."""
     if torch.cuda.is_available():
         try:
             import flash_attn  # noqa: F401
@@ -38,9 +38,17 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, trus
     )
 
 
-def build_tiny_llama(tokenizer, out_dir: str | Path, *, hidden_size: int = 64, num_layers: int = 2,
-                     num_heads: int = 4, intermediate_size: int | None = None, max_position_embeddings: int = 256,
-                     seed: int = 0) -> Path:  # fmt: skip
+def build_tiny_llama(
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> Path:
     """A randomly initialised Llama sized for CPU tests and the demo, saved with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,8 +88,9 @@ class PolicyHiddenStates(nn.Module):
         return out[0]
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None,
-                           extra_files: dict[str, Path] | None = None) -> Path:  # fmt: skip
+def save_pretrained_atomic(
+    model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None, extra_files: dict[str, Path] | None = None
+) -> Path:
     """save_pretrained into a temp dir beside ``out_dir``, then rename: a crash never leaves a half-written model."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

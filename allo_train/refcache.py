@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -59,7 +59,7 @@ def compute_or_load(
     from tqdm.auto import tqdm
 
     for b in tqdm(range(n_batches), desc=desc, disable=rank != 0):
-        idx = mine[b * batch_size:(b + 1) * batch_size] or mine[-1:] or [0]
+        idx = mine[b * batch_size : (b + 1) * batch_size] or mine[-1:] or [0]
         scored = score_batch([features[i] for i in idx])
         for i, t in zip(idx, scored):
             results[i] = t.detach().to("cpu", torch.float32)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -159,26 +159,38 @@ def make_loss(stage: str, cfg: TrainConfig, device: torch.device) -> Callable:
         hidden, weight, bias, labels = _policy(engine, batch, device)
         masking = {}
         if stage == "improve":
-            masking = dict(mask_fraction=args.mask_fraction, mask_by=args.mask_by, mask_scope=args.mask_scope,
-                           mask_side="rejected")  # fmt: skip
+            masking = dict(
+                mask_fraction=args.mask_fraction, mask_by=args.mask_by, mask_scope=args.mask_scope, mask_side="rejected"
+            )
         return ak.preference_loss(
-            hidden, labels, lm_head_weight=weight, lm_head_bias=bias,
-            ref_logprobs=batch["ref_logprobs"].to(device), beta=args.beta, loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing, **masking,
-        )  # fmt: skip
+            hidden,
+            labels,
+            lm_head_weight=weight,
+            lm_head_bias=bias,
+            ref_logprobs=batch["ref_logprobs"].to(device),
+            beta=args.beta,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            **masking,
+        )
 
     def forget(engine, batch):
         hidden, weight, bias, labels = _policy(engine, batch, device)
         return ak.forgetting_loss(
-            hidden, labels, lm_head_weight=weight, lm_head_bias=bias, ref_logprobs=batch["ref_logprobs"].to(device),
-            weights=batch["token_weights"][:, 1:].to(device), beta=args.beta,
-        )  # fmt: skip
+            hidden,
+            labels,
+            lm_head_weight=weight,
+            lm_head_bias=bias,
+            ref_logprobs=batch["ref_logprobs"].to(device),
+            weights=batch["token_weights"][:, 1:].to(device),
+            beta=args.beta,
+        )
 
     return {"sft": sft, "correct": sft, "warmup": preference, "improve": preference, "forget": forget}[stage]
 
 
 # ----------------------------------------------------------------------------------------------------- data
-def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, device: torch.device = torch.device("cpu")):
+def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, device: torch.device | None = None):
     """Tokenised (train, eval) features, the collator and whether rows are [chosen; rejected] pairs."""
     args = getattr(cfg, stage)
     if args.data_path is None:
@@ -192,16 +204,18 @@ def load_stage_features(stage: str, cfg: TrainConfig, tokenizer, *, device: torc
         examples = D.load_forgetting_jsonl(args.data_path, token_weight_source=args.token_weight_source)
         feats = D.tokenize_forgetting(examples, tokenizer, **lengths)
         if args.token_weight_source == "scoring_model":
-            feats = scoring_model_weights(cfg, tokenizer, examples, feats, device)
+            feats = scoring_model_weights(cfg, tokenizer, examples, feats, device or torch.device("cpu"))
         collator, paired = D.ForgettingCollator(pad), False
     elif stage == "sft":
-        feats = D.tokenize_sft(D.load_sft_jsonl(args.data_path, completion_field=args.completion_field), tokenizer,
-                               **lengths)  # fmt: skip
+        feats = D.tokenize_sft(
+            D.load_sft_jsonl(args.data_path, completion_field=args.completion_field), tokenizer, **lengths
+        )
         collator, paired = D.SFTCollator(pad), False
     elif stage == "correct":
         examples = D.load_correction_jsonl(args.data_path)
-        examples = examples + D.identity_warmup_examples(examples, fraction=args.identity_warmup_fraction,
-                                                         seed=cfg.seed)  # fmt: skip
+        examples = examples + D.identity_warmup_examples(
+            examples, fraction=args.identity_warmup_fraction, seed=cfg.seed
+        )
         feats = D.tokenize_correction(examples, tokenizer, **lengths)
         collator, paired = D.SFTCollator(pad), False
     else:
@@ -223,8 +237,10 @@ def scoring_model_weights(cfg: TrainConfig, tokenizer, examples, feats: list[dic
     """
     scorer = load_causal_lm(cfg.forget.scoring_model, dtype=torch.float32).to(device).eval()
     if scorer.get_output_embeddings().weight.shape[0] < len(tokenizer):
-        raise ValueError(f"forget.scoring_model {cfg.forget.scoring_model!r} has a smaller vocabulary than the "
-                         f"policy's tokenizer ({len(tokenizer)}): it must share the policy's tokenizer")
+        raise ValueError(
+            f"forget.scoring_model {cfg.forget.scoring_model!r} has a smaller vocabulary than the "
+            f"policy's tokenizer ({len(tokenizer)}): it must share the policy's tokenizer"
+        )
     out = []
     for ex, feat in zip(examples, feats):
         labels = torch.tensor(feat["labels"])
@@ -234,7 +250,7 @@ def scoring_model_weights(cfg: TrainConfig, tokenizer, examples, feats: list[dic
         head = tokenizer(REWRITE_TEMPLATE.format(prompt=prompt, answer=answer)).input_ids
         ids = torch.tensor([head + response.tolist()], device=device)
         with torch.no_grad():
-            logits = scorer(ids).logits[0, len(head) - 1:-1]
+            logits = scorer(ids).logits[0, len(head) - 1 : -1]
             p = ak.token_logprobs(logits, response.to(device)).exp().cpu()
         weights = torch.zeros(len(feat["input_ids"]))
         weights[labels != -100] = 1.0 - p
@@ -251,7 +267,7 @@ def _final_state_dict(engine) -> dict | None:
         sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
     if sd is None:
         return None
-    return {k[len("lm."):]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
+    return {k[len("lm.") :]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
 
 
 def _reduce_metrics(sums: dict[str, float], count: int, world_size: int, device: torch.device) -> dict[str, float]:
@@ -281,12 +297,26 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
     bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     sampler = D.ResumableSampler(len(train), seed=cfg.seed, rank=run.rank, world_size=run.world_size)
     steps_per_epoch = max(1, math.ceil(len(sampler) / bs / ga))
-    total = args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    ds = deepspeed_config(resolve_deepspeed_config(cfg), micro_batch_size=bs, gradient_accumulation_steps=ga,
-                          max_grad_norm=args.max_grad_norm, bf16=cfg.bf16)  # fmt: skip
-    engine = initialize(module, ds_config=ds, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                        masks=named_masks, lr_scheduler_type=args.lr_scheduler_type, total_steps=total,
-                        warmup_steps=int(args.warmup_ratio * total))  # fmt: skip
+    total = (
+        args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
+    ds = deepspeed_config(
+        resolve_deepspeed_config(cfg),
+        micro_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        max_grad_norm=args.max_grad_norm,
+        bf16=cfg.bf16,
+    )
+    engine = initialize(
+        module,
+        ds_config=ds,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        masks=named_masks,
+        lr_scheduler_type=args.lr_scheduler_type,
+        total_steps=total,
+        warmup_steps=int(args.warmup_ratio * total),
+    )
 
     # Reference per-token log-probs of the starting policy, cached on disk (none for SFT).
     ref_rows = held_ref = None
@@ -297,20 +327,37 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
         def score(batch_rows: list[dict]) -> list[torch.Tensor]:
             batch = row_collator(batch_rows)
             with torch.no_grad():
-                logp = sequence_logprobs(engine, batch, run.device)
+                logp = sequence_logprobs(engine, batch, run.device)  # noqa: F821  (ruff: closure + later `del`)
             return [logp[i, : len(r["input_ids"]) - 1] for i, r in enumerate(batch_rows)]
 
-        key = cache_key(data_path=args.data_path, model_dir=in_dir,
-                        settings={"stage": stage, "max_length": args.max_length, "eval_fraction": args.eval_fraction,
-                                  "max_prompt_length": args.max_prompt_length, "seed": cfg.seed,
-                                  "dtype": str(run.dtype)})  # fmt: skip
-        all_rows = compute_or_load(stage_dir / "ref_cache", key, rows, score, batch_size=bs, rank=run.rank,
-                                   world_size=run.world_size, desc=f"{stage}: reference log-probs")  # fmt: skip
+        key = cache_key(
+            data_path=args.data_path,
+            model_dir=in_dir,
+            settings={
+                "stage": stage,
+                "max_length": args.max_length,
+                "eval_fraction": args.eval_fraction,
+                "max_prompt_length": args.max_prompt_length,
+                "seed": cfg.seed,
+                "dtype": str(run.dtype),
+            },
+        )
+        all_rows = compute_or_load(
+            stage_dir / "ref_cache",
+            key,
+            rows,
+            score,
+            batch_size=bs,
+            rank=run.rank,
+            world_size=run.world_size,
+            desc=f"{stage}: reference log-probs",
+        )
         per = 2 if paired else 1
-        ref_rows, held_ref = all_rows[: per * len(train)], all_rows[per * len(train):]
+        ref_rows, held_ref = all_rows[: per * len(train)], all_rows[per * len(train) :]
 
-    loader = torch.utils.data.DataLoader(_Indexed(train), batch_size=bs, sampler=sampler,
-                                         collate_fn=_Collate(collator, ref_rows, paired))  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        _Indexed(train), batch_size=bs, sampler=sampler, collate_fn=_Collate(collator, ref_rows, paired)
+    )
     loss_fn = make_loss(stage, cfg, run.device)
 
     ckpts = CheckpointManager(stage_dir / "checkpoints", save_total_limit=cfg.save_total_limit)
@@ -353,7 +400,9 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
         if step % args.logging_steps == 0 or step == total:
             logged = _reduce_metrics(sums, count, run.world_size, run.device)
             grad_norm = engine.get_global_grad_norm()
-            logged.update(learning_rate=engine.get_lr()[0], epoch=sampler.epoch + sampler.position / max(1, len(sampler)))
+            logged.update(
+                learning_rate=engine.get_lr()[0], epoch=sampler.epoch + sampler.position / max(1, len(sampler))
+            )
             if grad_norm is not None:
                 logged["grad_norm"] = float(grad_norm)
             logger.log(step, logged)
@@ -362,8 +411,15 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
         if held_out and (step % (args.eval_steps or args.logging_steps) == 0 or step == total):
             logger.log(step, evaluate(run, engine, loss_fn, held_out, collator, held_ref, paired, bs))
         if step % args.save_steps == 0 and step < total:
-            ckpts.save(step, stage=stage, write_fn=lambda d: engine.save_checkpoint(str(d / "deepspeed"), tag="state"),
-                       data_state=sampler.state_dict(), is_main=run.rank == 0, barrier=run.barrier, rank=run.rank)  # fmt: skip
+            ckpts.save(
+                step,
+                stage=stage,
+                write_fn=lambda d: engine.save_checkpoint(str(d / "deepspeed"), tag="state"),  # noqa: F821
+                data_state=sampler.state_dict(),
+                is_main=run.rank == 0,
+                barrier=run.barrier,
+                rank=run.rank,
+            )
         if crash_after and step == crash_after:
             os._exit(17)
     bar.close()
@@ -374,8 +430,9 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
         extra = {}
         if masks is not None:
             extra["masks.safetensors"] = cfg.stage_dir("locate") / "masks.safetensors"
-        save_pretrained_atomic(lm, tokenizer, out_dir, state_dict=sd,
-                               extra_files={k: v for k, v in extra.items() if v.is_file()})  # fmt: skip
+        save_pretrained_atomic(
+            lm, tokenizer, out_dir, state_dict=sd, extra_files={k: v for k, v in extra.items() if v.is_file()}
+        )
         plot_loss_curves(stage_dir / "metrics.jsonl", stage_dir)
     run.barrier()
     del engine
@@ -396,7 +453,7 @@ def evaluate(run: Run, engine, loss_fn, held_out, collator, held_ref, paired, ba
     count = 0
     with torch.no_grad():
         for b in range(n_batches):
-            idx = mine[b * batch_size:(b + 1) * batch_size]
+            idx = mine[b * batch_size : (b + 1) * batch_size]
             loss, metrics = loss_fn(engine, collate([(i, held_out[i]) for i in (idx or [0])]))
             if not idx:  # keep the metric keys identical on every rank for the all-reduce
                 for k in ("loss", *metrics):
@@ -417,13 +474,17 @@ def locate_stage(run: Run) -> Path:
         start = Path(args.start_model) if args.start_model else base_model_dir(cfg)
         if args.importance == "delta":
             warm = Path(args.warm_model) if args.warm_model else model_dir(cfg, "warmup")
-            importance = delta_importance(SafetensorsState(start), SafetensorsState(warm),
-                                          learning_rate=cfg.warmup.learning_rate if args.divide_by_lr else None)
+            importance = delta_importance(
+                SafetensorsState(start),
+                SafetensorsState(warm),
+                learning_rate=cfg.warmup.learning_rate if args.divide_by_lr else None,
+            )
         else:
             importance = gradient_importance(run, start)
         save_importance(importance, out / "importance.safetensors")
-        result = locate(importance, out, ratio=args.ratio, granularity=args.granularity, scope=args.scope,
-                        exclude=args.exclude)  # fmt: skip
+        result = locate(
+            importance, out, ratio=args.ratio, granularity=args.granularity, scope=args.scope, exclude=args.exclude
+        )
         print(f"[allo-train] locate: masks at {result.masks_path}, stats at {result.stats_path}")
     run.barrier()
     return out
@@ -436,21 +497,26 @@ def gradient_importance(run: Run, start: Path) -> dict[str, torch.Tensor]:
     cfg, args = run.cfg, run.cfg.locate
     stage_cfg = replace(cfg.warmup, data_path=args.data_path or cfg.warmup.data_path)
     tokenizer = load_tokenizer(cfg, start)
-    feats = D.tokenize_preference(D.load_preference_jsonl(stage_cfg.data_path), tokenizer,
-                                  max_length=stage_cfg.max_length, max_prompt_length=stage_cfg.max_prompt_length)
+    feats = D.tokenize_preference(
+        D.load_preference_jsonl(stage_cfg.data_path),
+        tokenizer,
+        max_length=stage_cfg.max_length,
+        max_prompt_length=stage_cfg.max_prompt_length,
+    )
     lm = load_causal_lm(start, dtype=torch.float32).to(run.device)
     module = PolicyHiddenStates(lm)
     collate = D.PreferenceCollator(D.pad_token_id_of(tokenizer))
     acc = GradImportance(device=run.device)
     bs = stage_cfg.per_device_train_batch_size
     for b in range(min(args.grad_num_batches, math.ceil(len(feats) / bs))):
-        batch = collate(feats[b * bs:(b + 1) * bs])
+        batch = collate(feats[b * bs : (b + 1) * bs])
         hidden = module(batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))[:, :-1]
         labels = batch["labels"][:, 1:].to(run.device)
         with torch.no_grad():
             ref = ak.fused_linear_token_logprobs(hidden, lm.get_output_embeddings().weight, labels)
-        loss, _ = ak.preference_loss(hidden, labels, lm_head_weight=lm.get_output_embeddings().weight,
-                                     ref_logprobs=ref, beta=stage_cfg.beta)  # fmt: skip
+        loss, _ = ak.preference_loss(
+            hidden, labels, lm_head_weight=lm.get_output_embeddings().weight, ref_logprobs=ref, beta=stage_cfg.beta
+        )
         lm.zero_grad(set_to_none=True)
         loss.backward()
         acc.add_model(lm)
@@ -468,8 +534,9 @@ def stage_masks(run: Run, stage: str) -> dict[str, torch.Tensor]:
 
         return load_masks(loc)
     importance = load_importance(loc / "importance.safetensors")
-    return select_masks(importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope,
-                        exclude=cfg.locate.exclude)  # fmt: skip
+    return select_masks(
+        importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope, exclude=cfg.locate.exclude
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- entry points

@@ -87,8 +87,9 @@ class ModelSpec:
         return {"H": self.hidden, "L": self.layers, "V": vocab, "T": self.seq_len, "rows": 2 * self.pairs}
 
 
-GPU_SPEC = ModelSpec(hidden=2048, layers=16, heads=16, intermediate=5504, vocab=128256, seq_len=1024, pairs=2,
-                     dtype=torch.bfloat16)  # fmt: skip
+GPU_SPEC = ModelSpec(
+    hidden=2048, layers=16, heads=16, intermediate=5504, vocab=128256, seq_len=1024, pairs=2, dtype=torch.bfloat16
+)
 CPU_SPEC = ModelSpec(hidden=64, layers=2, heads=4, intermediate=256, vocab=0, seq_len=64, pairs=2, dtype=torch.float32)
 SPEC = GPU_SPEC if full_shapes() else CPU_SPEC
 
@@ -106,8 +107,18 @@ class OfficialMaskAdamW(torch.optim.Optimizer):
     param is overwritten with the master.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, *, masks: dict,
-                 master_weights: bool = False, masks_on_host: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.0,
+        *,
+        masks: dict,
+        master_weights: bool = False,
+        masks_on_host: bool = True,
+    ):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.master_weights = master_weights
         self.host_masks = {}
@@ -202,13 +213,22 @@ def official_improve_loss(logits, labels, ref, *, eps: float = EPS_KEEP, beta: f
 # ------------------------------------------------------------------------------------------------------------ ours
 def allo_forget_loss(hidden, lm_head_weight, labels, ref, reward, *, beta: float = BETA) -> torch.Tensor:
     """hidden [B, T, H] of the full sequence; ``ref``/``reward`` [B, T-1] aligned with ``labels[:, 1:]``."""
-    return ak.forgetting_loss(hidden[:, :-1], labels[:, 1:], lm_head_weight=lm_head_weight, ref_logprobs=ref,
-                              weights=reward, beta=beta)[0]  # fmt: skip
+    return ak.forgetting_loss(
+        hidden[:, :-1], labels[:, 1:], lm_head_weight=lm_head_weight, ref_logprobs=ref, weights=reward, beta=beta
+    )[0]
 
 
 def allo_improve_loss(hidden, lm_head_weight, labels, ref, *, eps: float = EPS_KEEP, beta: float = BETA):
-    return ak.preference_loss(hidden[:, :-1], labels[:, 1:], lm_head_weight=lm_head_weight, ref_logprobs=ref,
-                              beta=beta, mask_fraction=1.0 - eps, mask_by="highest", mask_side="rejected")[0]  # fmt: skip
+    return ak.preference_loss(
+        hidden[:, :-1],
+        labels[:, 1:],
+        lm_head_weight=lm_head_weight,
+        ref_logprobs=ref,
+        beta=beta,
+        mask_fraction=1.0 - eps,
+        mask_by="highest",
+        mask_side="rejected",
+    )[0]
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -228,16 +248,27 @@ def get_model(spec: ModelSpec):
 
             tokenizer = build_char_tokenizer()
             with tempfile.TemporaryDirectory(prefix="allo-bench-e2e-") as tmp:
-                path = build_tiny_llama(tokenizer, f"{tmp}/tiny", hidden_size=spec.hidden, num_layers=spec.layers,
-                                        num_heads=spec.heads, intermediate_size=spec.intermediate,
-                                        max_position_embeddings=max(256, spec.seq_len))  # fmt: skip
+                path = build_tiny_llama(
+                    tokenizer,
+                    f"{tmp}/tiny",
+                    hidden_size=spec.hidden,
+                    num_layers=spec.layers,
+                    num_heads=spec.heads,
+                    intermediate_size=spec.intermediate,
+                    max_position_embeddings=max(256, spec.seq_len),
+                )
                 model = load_causal_lm(path, dtype=spec.dtype)
         else:
             config = LlamaConfig(
-                vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-                num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                max_position_embeddings=max(4096, spec.seq_len), tie_word_embeddings=False,
-            )  # fmt: skip
+                vocab_size=spec.vocab,
+                hidden_size=spec.hidden,
+                intermediate_size=spec.intermediate,
+                num_hidden_layers=spec.layers,
+                num_attention_heads=spec.heads,
+                num_key_value_heads=spec.heads,
+                max_position_embeddings=max(4096, spec.seq_len),
+                tie_word_embeddings=False,
+            )
             torch.manual_seed(0)
             with torch.device(DEVICE):  # initialise on the device: a CPU init of 1.3B params takes minutes
                 model = AutoModelForCausalLM.from_config(config, dtype=spec.dtype, attn_implementation="sdpa")
@@ -259,7 +290,7 @@ def trainable_masks(model, *, fraction: float = ROW_FRACTION, seed: int = 0) -> 
         if p.dim() == 2 and any(f"{t}." in name for t in TRAINABLE):
             p.requires_grad_(True)
             rows = p.shape[0]
-            k = max(1, int(round(fraction * rows)))
+            k = max(1, round(fraction * rows))
             m = torch.zeros(rows, dtype=torch.bool)
             m[torch.randperm(rows, generator=gen)[:k]] = True
             masks[p] = m.to(p.device)
@@ -302,8 +333,9 @@ def make_step(impl: str, case: str, model, masks: dict, batch: dict):
             return allo_improve_loss(hidden, head, batch["labels"], batch["ref"])
 
     else:
-        opt = OfficialMaskAdamW(params, lr=LR, masks=masks, master_weights=low_precision,
-                                masks_on_host=impl == "official")  # fmt: skip
+        opt = OfficialMaskAdamW(
+            params, lr=LR, masks=masks, master_weights=low_precision, masks_on_host=impl == "official"
+        )
 
         def loss_fn():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -322,8 +354,12 @@ def make_step(impl: str, case: str, model, masks: dict, batch: dict):
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)  # fmt: skip
+    return sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ cases
@@ -335,16 +371,37 @@ def test_e2e_step(benchmark, results, case, impl):
     vocab = model.config.vocab_size
     params = spec.params(vocab)
     if DEVICE.type != "cuda" and impl == "allo" and select_backend(DEVICE) == "triton":
-        record_skip(results, suite=SUITE, case=case, impl=impl, params=params, dtype=dname,
-                    reason="Triton interpreter timings are meaningless: unset TRITON_INTERPRET for benchmarks")
+        record_skip(
+            results,
+            suite=SUITE,
+            case=case,
+            impl=impl,
+            params=params,
+            dtype=dname,
+            reason="Triton interpreter timings are meaningless: unset TRITON_INTERPRET for benchmarks",
+        )
     if DEVICE.type != "cuda" and impl == "official_devmask":
-        record_skip(results, suite=SUITE, case=case, impl=impl, params=params, dtype=dname,
-                    reason="CPU: host and device are the same memory (identical to official)")
+        record_skip(
+            results,
+            suite=SUITE,
+            case=case,
+            impl=impl,
+            params=params,
+            dtype=dname,
+            reason="CPU: host and device are the same memory (identical to official)",
+        )
     masks = trainable_masks(model)
     batch = make_batch(spec, vocab, case)
     tokens = batch["input_ids"].numel()
-    base = {"suite": SUITE, "case": case, "impl": impl, "shape": format_shape(params), "params": params,
-            "dtype": dname, "ours": impl == "allo"}  # fmt: skip
+    base = {
+        "suite": SUITE,
+        "case": case,
+        "impl": impl,
+        "shape": format_shape(params),
+        "params": params,
+        "dtype": dname,
+        "ours": impl == "allo",
+    }
     step = opt = None
     try:
         step, opt = make_step(impl, case, model, masks, batch)
@@ -389,8 +446,14 @@ def test_e2e_step(benchmark, results, case, impl):
             "backend": select_backend(DEVICE) if impl == "allo" else None,
         }
     )
-    benchmark.extra_info.update({"median_ms": m.median_s * 1e3, "tokens_per_s": tokens / m.median_s,
-                                 "peak_mem_mb": peak_mb, "opt_state_mb": opt_state_mb})  # fmt: skip
+    benchmark.extra_info.update(
+        {
+            "median_ms": m.median_s * 1e3,
+            "tokens_per_s": tokens / m.median_s,
+            "peak_mem_mb": peak_mb,
+            "opt_state_mb": opt_state_mb,
+        }
+    )
 
 
 def _note(impl: str) -> str:

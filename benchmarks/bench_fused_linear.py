@@ -142,7 +142,9 @@ def liger_ce(hidden, weight, labels):
 
 def skip_reason(impl: str, suite: str) -> str | None:
     if impl in ("allo", "unfused") and not ON_GPU and select_backend(DEVICE) == "triton":
-        return "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
+        return (
+            "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
+        )
     if impl.startswith("liger"):
         if liger_modules() is None:
             return "liger_kernel is not importable (pip install --no-deps liger-kernel, see benchmarks/README.md)"
@@ -205,7 +207,7 @@ def ce_inputs(n: int, h: int, v: int):
 def _check_loss(results, suite, impl, params, compute_got, compute_expect) -> None:
     """A fast wrong answer is not a result: every implementation's loss against ours before timing. An out-of-memory
     error here (the eager paths at the largest shapes) is recorded like one in the timed calls."""
-    tol = dict(rtol=2e-2, atol=2e-2) if DTYPE != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=2e-2, atol=2e-2) if torch.float32 != DTYPE else dict(rtol=1e-4, atol=1e-4)
     oom_message = None
     try:
         with torch.no_grad():
@@ -217,8 +219,19 @@ def _check_loss(results, suite, impl, params, compute_got, compute_expect) -> No
         oom_message = (str(exc).splitlines() or ["out of memory"])[0][:200]
     if oom_message is not None:
         free_memory(DEVICE)
-        results.add({"suite": suite, "case": "full", "impl": impl, "shape": format_shape(params), "params": params,
-                     "dtype": dtype_name(DTYPE), "ours": impl == "allo", "status": "oom", "error": oom_message})  # fmt: skip
+        results.add(
+            {
+                "suite": suite,
+                "case": "full",
+                "impl": impl,
+                "shape": format_shape(params),
+                "params": params,
+                "dtype": dtype_name(DTYPE),
+                "ours": impl == "allo",
+                "status": "oom",
+                "error": oom_message,
+            }
+        )
         pytest.skip(f"out of memory: {impl} {format_shape(params)}")
     torch.testing.assert_close(got, expect, **tol, msg=lambda m: f"{impl}: {m}")
     del got, expect
@@ -257,10 +270,19 @@ def test_fused_linear_dpo(benchmark, results, impl, b, t, h, v):
         return torch.autograd.grad(loss, (hidden, weight))
 
     run_case(
-        benchmark, results, suite=suite, case="full", impl=impl, params=params, dtype=dname, fn=timed,
-        ours=impl == "allo", warmup=_warmup(impl), note=impl_note(impl, suite),
+        benchmark,
+        results,
+        suite=suite,
+        case="full",
+        impl=impl,
+        params=params,
+        dtype=dname,
+        fn=timed,
+        ours=impl == "allo",
+        warmup=_warmup(impl),
+        note=impl_note(impl, suite),
         extra={"backend": select_backend(DEVICE)} if impl in ("allo", "unfused") else None,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
@@ -274,15 +296,24 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
         record_skip(results, suite=suite, case="full", impl=impl, params=params, dtype=dname, reason=reason)
     hidden, weight, labels = ce_inputs(n, h, v)
     loss_fn = {"allo": allo_ce, "unfused": unfused_ce, "eager": eager_ce, "liger": liger_ce}[impl]
-    _check_loss(results, suite, impl, params, lambda: loss_fn(hidden, weight, labels),
-                lambda: allo_ce(hidden, weight, labels))  # fmt: skip
+    _check_loss(
+        results, suite, impl, params, lambda: loss_fn(hidden, weight, labels), lambda: allo_ce(hidden, weight, labels)
+    )
 
     def timed():
         loss = loss_fn(hidden, weight, labels)
         return torch.autograd.grad(loss, (hidden, weight))
 
     run_case(
-        benchmark, results, suite=suite, case="full", impl=impl, params=params, dtype=dname, fn=timed,
-        ours=impl == "allo", note=impl_note(impl, suite),
+        benchmark,
+        results,
+        suite=suite,
+        case="full",
+        impl=impl,
+        params=params,
+        dtype=dname,
+        fn=timed,
+        ours=impl == "allo",
+        note=impl_note(impl, suite),
         extra={"backend": select_backend(DEVICE)} if impl in ("allo", "unfused") else None,
-    )  # fmt: skip
+    )

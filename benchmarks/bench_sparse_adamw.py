@@ -36,7 +36,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from allo_kernels.optim import SparseAdamW, _native  # noqa: E402
+from allo_kernels.optim import SparseAdamW, _native
 
 FULL = os.environ.get("ALLO_BENCH_FULL") == "1"
 CPU_ROWS, CPU_COLS = (4096, 4096) if FULL else (512, 512)
@@ -75,11 +75,13 @@ def row_masks(params, frac: float) -> dict:
 
 def make_cpu_optimizer(kind: str, params, frac: float = 1.0):
     if kind == "allo_native":
-        return SparseAdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, masks=row_masks(params, frac),
-                           backend="native")
+        return SparseAdamW(
+            params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, masks=row_masks(params, frac), backend="native"
+        )
     if kind == "allo_torch":
-        return SparseAdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, masks=row_masks(params, frac),
-                           backend="torch")
+        return SparseAdamW(
+            params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, masks=row_masks(params, frac), backend="torch"
+        )
     if kind == "torch_adamw_fused":
         return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, fused=True)
     if kind == "deepspeed_cpu_adam":
@@ -91,8 +93,12 @@ def make_cpu_optimizer(kind: str, params, frac: float = 1.0):
 
 
 def state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
 
 
 def _need_native():
@@ -120,23 +126,32 @@ def test_cpu_sparse_adamw_native(benchmark, frac):
     _need_native()
     params = cpu_tensors()
     benchmark.group = "sparse_adamw-cpu"
-    _bench(benchmark, make_cpu_optimizer("allo_native", params, frac),
-           dict(impl="allo SparseAdamW (native)", row_fraction=frac, shape=[CPU_TENSORS, CPU_ROWS, CPU_COLS]))
+    _bench(
+        benchmark,
+        make_cpu_optimizer("allo_native", params, frac),
+        dict(impl="allo SparseAdamW (native)", row_fraction=frac, shape=[CPU_TENSORS, CPU_ROWS, CPU_COLS]),
+    )
 
 
 def test_cpu_torch_adamw_fused_dense(benchmark):
     params = cpu_tensors()
     benchmark.group = "sparse_adamw-cpu"
-    _bench(benchmark, make_cpu_optimizer("torch_adamw_fused", params),
-           dict(impl="torch.optim.AdamW(fused=True) dense", row_fraction=1.0, shape=[CPU_TENSORS, CPU_ROWS, CPU_COLS]))
+    _bench(
+        benchmark,
+        make_cpu_optimizer("torch_adamw_fused", params),
+        dict(impl="torch.optim.AdamW(fused=True) dense", row_fraction=1.0, shape=[CPU_TENSORS, CPU_ROWS, CPU_COLS]),
+    )
 
 
 def test_cpu_deepspeed_cpu_adam_dense(benchmark):
     _dscpuadam_or_skip()
     params = cpu_tensors()
     benchmark.group = "sparse_adamw-cpu"
-    _bench(benchmark, make_cpu_optimizer("deepspeed_cpu_adam", params),
-           dict(impl="DeepSpeedCPUAdam dense", row_fraction=1.0, shape=[CPU_TENSORS, CPU_ROWS, CPU_COLS]))
+    _bench(
+        benchmark,
+        make_cpu_optimizer("deepspeed_cpu_adam", params),
+        dict(impl="DeepSpeedCPUAdam dense", row_fraction=1.0, shape=[CPU_TENSORS, CPU_ROWS, CPU_COLS]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- GPU
@@ -247,16 +262,25 @@ def main(argv=None) -> None:
         opt.step()
         live.append((kind, frac, opt, []))
     for r in range(args.rounds):
-        for kind, frac, opt, times in (live if r % 2 == 0 else live[::-1]):
+        for _kind, _frac, opt, times in live if r % 2 == 0 else live[::-1]:
             t = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t)
     for kind, frac, opt, times in live:
-        results.append(dict(impl=kind, row_fraction=frac, seconds_per_step_min=min(times),
-                            seconds_per_step_median=statistics.median(times), rounds=len(times),
-                            state_bytes=state_bytes(opt)))
-        print(f"{kind:>20} rows={frac:>5.0%}  min {min(times):.4f}  median {statistics.median(times):.4f} s/step",
-              flush=True)
+        results.append(
+            dict(
+                impl=kind,
+                row_fraction=frac,
+                seconds_per_step_min=min(times),
+                seconds_per_step_median=statistics.median(times),
+                rounds=len(times),
+                state_bytes=state_bytes(opt),
+            )
+        )
+        print(
+            f"{kind:>20} rows={frac:>5.0%}  min {min(times):.4f}  median {statistics.median(times):.4f} s/step",
+            flush=True,
+        )
     by = {(r["impl"], r["row_fraction"]): r for r in results if "error" not in r}
     per_round = {(kind, frac): times for kind, frac, _, times in live}
     speedups, paired = {}, {}
@@ -265,22 +289,32 @@ def main(argv=None) -> None:
             for f in FRACTIONS:
                 if ("allo_native", f) in by:
                     key = f"vs_{base}@{int(f * 100)}pct"
-                    speedups[key] = (by[(base, 1.0)]["seconds_per_step_median"]
-                                     / by[("allo_native", f)]["seconds_per_step_median"])
+                    speedups[key] = (
+                        by[(base, 1.0)]["seconds_per_step_median"] / by[("allo_native", f)]["seconds_per_step_median"]
+                    )
                     paired[key] = paired_speedup(per_round[(base, 1.0)], per_round[("allo_native", f)])
     del live
     gc.collect()
-    import deepspeed  # noqa: F401  (version only)
+    import deepspeed
 
     report = dict(
-        benchmark="sparse_adamw-cpu", device=f"cpu ({os.cpu_count()} cores)", cpu=cpu_model(), native_isa=_native.isa(),
-        threads=torch.get_num_threads(), shapes=[[args.rows, args.cols]] * CPU_TENSORS, dtype="float32",
+        benchmark="sparse_adamw-cpu",
+        device=f"cpu ({os.cpu_count()} cores)",
+        cpu=cpu_model(),
+        native_isa=_native.isa(),
+        threads=torch.get_num_threads(),
+        shapes=[[args.rows, args.cols]] * CPU_TENSORS,
+        dtype="float32",
         hyper=dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD),
         versions=dict(torch=torch.__version__, deepspeed=deepspeed.__version__, python=platform.python_version()),
-        note=("cases stepped round-robin, one step each per round, order reversed every other round; the 2-core "
-              "machine is shared with other jobs. speedups_median: ratio of medians; speedups_paired: baseline/ours "
-              "per round (the two timed back to back), median with the 10th and 90th percentiles"),
-        results=results, speedups_median=speedups, speedups_paired=paired,
+        note=(
+            "cases stepped round-robin, one step each per round, order reversed every other round; the 2-core "
+            "machine is shared with other jobs. speedups_median: ratio of medians; speedups_paired: baseline/ours "
+            "per round (the two timed back to back), median with the 10th and 90th percentiles"
+        ),
+        results=results,
+        speedups_median=speedups,
+        speedups_paired=paired,
     )
     print(json.dumps(dict(median=speedups, paired=paired), indent=1))
     if args.json:

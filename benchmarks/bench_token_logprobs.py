@@ -9,9 +9,11 @@ Implementations (``impl`` in the results):
 * ``trl_selective`` TRL-style selective log-softmax over [B, T, V] (T = ``TRL_SEQ_LEN``): in fp32 a gather minus a
                     per-sequence ``logsumexp`` loop; in bf16/fp16 a per-sequence loop of ``log_softmax`` + gather in the
                     input dtype (its result is bf16). Written here from TRL's documented behaviour.
-* ``compiled``      ``torch.compile`` of ``eager_fp32`` (static shapes). CUDA only by default (see ``ALLO_BENCH_COMPILE_CPU``).
-* ``liger``         Liger-Kernel's cross-entropy kernel with ``reduction="none"``, negated. It writes the gradient into
-                    the logits during the forward (its forward includes that write) and its result is in the input dtype.
+* ``compiled``      ``torch.compile`` of ``eager_fp32`` (static shapes). CUDA only by default (see
+                    ``ALLO_BENCH_COMPILE_CPU``).
+* ``liger``         Liger-Kernel's cross-entropy kernel with ``reduction="none"``, negated. It writes the gradient
+                    into the logits during the forward (its forward includes that write) and its result is in the
+                    input dtype.
                     Skipped when ``liger_kernel`` is not importable, and on CPU.
 
 Cases: ``fwd`` (the forward on logits that require grad), ``bwd`` (backward only; the forward runs untimed in the
@@ -75,7 +77,12 @@ def compiled(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if _COMPILED is None:
         cfg = torch._dynamo.config
         # One static graph per (shape, dtype) of the matrix: raise the recompile limit instead of going dynamic.
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        for name in (
+            "recompile_limit",
+            "cache_size_limit",
+            "accumulated_recompile_limit",
+            "accumulated_cache_size_limit",
+        ):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 256))
         _COMPILED = torch.compile(eager_fp32, dynamic=False)
@@ -115,11 +122,16 @@ IMPL_FNS = {
 def skip_reason(impl: str) -> str | None:
     on_cpu = DEVICE.type != "cuda"
     if impl in ("allo", "allo_inplace") and on_cpu and select_backend(DEVICE) == "triton":
-        return "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
+        return (
+            "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
+        )
     if impl == "allo_inplace" and on_cpu:
         return "CPU: the torch reference path has no in-place backward (same numbers as allo)"
     if impl == "compiled" and on_cpu and os.environ.get("ALLO_BENCH_COMPILE_CPU", "0") in ("", "0"):
-        return "CPU: torch.compile left out (Inductor's C++ builds take minutes on small CPU boxes); ALLO_BENCH_COMPILE_CPU=1 adds it"
+        return (
+            "CPU: torch.compile left out (Inductor's C++ builds take minutes on small CPU boxes); "
+            "ALLO_BENCH_COMPILE_CPU=1 adds it"
+        )
     if impl == "liger":
         if on_cpu:
             return "CPU: Liger-Kernel's Triton kernels need a GPU"

@@ -7,8 +7,8 @@ Implementations (``impl`` in the results):
                       selection in a Triton rank kernel without a host sync). On CPU the torch reference path.
 * ``token_logprobs``  ``allo_kernels.token_logprobs`` alone (the per-token log-probs and nothing else), backward with
                       the same dense upstream gradient ``w`` (independent of the mask; measured again in each mask
-                      group so that every table row has its own side-by-side number): the DESIGN target is ``allo`` <= 1.05x its time, i.e. a
-                      "speedup" column >= 0.95 in the rendered table.
+                      group so that every table row has its own side-by-side number): the DESIGN target is
+                      ``allo`` <= 1.05x its time, i.e. a "speedup" column >= 0.95 in the rendered table.
 * ``official_eager``  the official ALLO code path, written here from its description (RUCAIBox/ALLO
                       ``train_improving.py`` / ``train_forgetting.py``): ``logits.float()``, per-token
                       ``cross_entropy(reduction="none")``, log-ratio ``logp - ref``, then ``gen_mask``: a Python loop
@@ -67,7 +67,8 @@ def official_gen_mask(logratios: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def official_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """``train_forgetting.py``: ``logits.float()`` then ``-CrossEntropyLoss(reduction="none")`` per token (0 at ignored)."""
+    """``train_forgetting.py``: ``logits.float()`` then ``-CrossEntropyLoss(reduction="none")`` per token (0 at
+    ignored)."""
     v = logits.shape[-1]
     logp = -F.cross_entropy(
         logits.float().reshape(-1, v), labels.reshape(-1), reduction="none", ignore_index=ignore_index
@@ -112,7 +113,9 @@ def make_inputs(b: int, t: int, v: int, dtype: torch.dtype):
 
 def skip_reason(impl: str) -> str | None:
     if impl in ("allo", "token_logprobs") and DEVICE.type != "cuda" and select_backend(DEVICE) == "triton":
-        return "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
+        return (
+            "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
+        )
     return None
 
 
@@ -130,7 +133,9 @@ def _cases():
             for f in MASK_FRACTIONS:
                 for mode in MODES:
                     for impl in IMPLS:
-                        yield pytest.param(mode, impl, b, t, v, f, dname, id=f"{mode}-{impl}-{dname}-B{b}-T{t}-V{v}-f{f}")
+                        yield pytest.param(
+                            mode, impl, b, t, v, f, dname, id=f"{mode}-{impl}-{dname}-B{b}-T{t}-V{v}-f{f}"
+                        )
 
 
 def _params(b, t, v, f):

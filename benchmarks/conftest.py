@@ -49,7 +49,7 @@ ROW_KEY_FIELDS = ("suite", "case", "impl", "shape", "dtype")
 
 
 # -------------------------------------------------------------------------------------------------------- collection
-def pytest_collect_file(file_path: Path, parent):  # noqa: D401 - pytest hook
+def pytest_collect_file(file_path: Path, parent):
     """Collect ``bench_*.py`` here (pytest's default pattern is ``test_*.py``).
 
     A file named on the command line is collected by pytest itself; returning a module for it too would run it twice.
@@ -474,10 +474,17 @@ def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
-def timing_fields(m: "Measurement") -> dict:
+def timing_fields(m: Measurement) -> dict:
     """The timing columns every measured results row carries."""
-    return {"median_ms": m.median_s * 1e3, "min_ms": m.min_s * 1e3, "mean_ms": m.mean_s * 1e3,
-            "stdev_ms": m.stdev_s * 1e3, "reps": m.reps, "warmup": m.warmup, "timer": m.timer}
+    return {
+        "median_ms": m.median_s * 1e3,
+        "min_ms": m.min_s * 1e3,
+        "mean_ms": m.mean_s * 1e3,
+        "stdev_ms": m.stdev_s * 1e3,
+        "reps": m.reps,
+        "warmup": m.warmup,
+        "timer": m.timer,
+    }
 
 
 def run_case(

@@ -45,7 +45,7 @@ def _group_key_sort(row: dict[str, Any]) -> tuple:
     return (CASE_ORDER.get(case, 99), case, shape_key, str(row.get("dtype")))
 
 
-def suites(rows: list[dict[str, Any]]) -> "OrderedDict[str, list[dict[str, Any]]]":
+def suites(rows: list[dict[str, Any]]) -> OrderedDict[str, list[dict[str, Any]]]:
     out: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for row in rows:
         out.setdefault(str(row["suite"]), []).append(row)
@@ -69,7 +69,7 @@ def impl_order(rows: list[dict[str, Any]]) -> tuple[list[str], str]:
     return [ours, *impls], ours
 
 
-def grouped(rows: list[dict[str, Any]]) -> "OrderedDict[tuple[str, str, str], dict[str, dict[str, Any]]]":
+def grouped(rows: list[dict[str, Any]]) -> OrderedDict[tuple[str, str, str], dict[str, dict[str, Any]]]:
     groups: OrderedDict[tuple[str, str, str], dict[str, dict[str, Any]]] = OrderedDict()
     for row in sorted(rows, key=_group_key_sort):
         groups.setdefault((str(row["case"]), str(row["shape"]), str(row["dtype"])), {})[row["impl"]] = row
@@ -127,7 +127,7 @@ def time_table(rows: list[dict[str, Any]]) -> str:
         our_row = by_impl.get(ours) or {}
         if has_bw:
             g = our_row.get("gbps") if t_ours is not None else None
-            cells.append(("-" if g is None else f"{g:.0f}" if g >= 100 else f"{g:.3g}"))
+            cells.append("-" if g is None else f"{g:.0f}" if g >= 100 else f"{g:.3g}")
         if has_pct:
             p = our_row.get("pct_of_peak") if t_ours is not None else None
             cells.append(f"{p:.1f}%" if p is not None else "-")
@@ -142,6 +142,7 @@ def memory_table(rows: list[dict[str, Any]]) -> str | None:
     header = ["case", "shape", "dtype", f"{ours} MB", *[f"{i} MB (x ours)" for i in impls[1:]]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for (case, shape, dtype), by_impl in grouped(rows).items():
+
         def mem(row):
             if row is None or row.get("status", "ok") != "ok":
                 return None
@@ -184,7 +185,10 @@ def render_markdown(data: dict[str, Any], *, plots: dict[str, str] | None = None
         ("CPU", meta.get("cpu_model")),
         ("cores", meta.get("cpu_count")),
         ("torch threads", meta.get("torch_threads")),
-        ("peak memory bandwidth", f"{meta['peak_bandwidth_gbps']:.0f} GB/s" if meta.get("peak_bandwidth_gbps") else None),
+        (
+            "peak memory bandwidth",
+            f"{meta['peak_bandwidth_gbps']:.0f} GB/s" if meta.get("peak_bandwidth_gbps") else None,
+        ),
         ("torch", meta.get("torch")),
         ("triton", meta.get("triton")),
         ("CUDA", meta.get("cuda")),
@@ -201,7 +205,7 @@ def render_markdown(data: dict[str, Any], *, plots: dict[str, str] | None = None
             "",
         ]
     for suite, rows in suites(data["rows"]).items():
-        impls, ours = impl_order(rows)
+        _impls, ours = impl_order(rows)
         out += [f"## {suite}", ""]
         out += [
             f"Median time in ms. Speedup = baseline time / `{ours}` time (> 1: `{ours}` is faster). "
@@ -237,7 +241,9 @@ def plot_suite(rows: list[dict[str, Any]], title: str, path: Path) -> bool:
     ran = [i for i in impls if any(_ok_time(r.get(i)) is not None for r in groups.values())]
     if not ran:
         return False
-    fig, axes = plt.subplots(len(cases), 1, figsize=(max(6.0, 1.1 * len(groups) / max(len(cases), 1) + 3), 3.2 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(cases), 1, figsize=(max(6.0, 1.1 * len(groups) / max(len(cases), 1) + 3), 3.2 * len(cases)), squeeze=False
+    )
     width = 0.8 / len(ran)
     for ax, case in zip(axes[:, 0], cases):
         keys = [k for k in groups if k[0] == case]

@@ -43,10 +43,16 @@ def build_tiny_llama(vocab_size: int, *, pad_token_id: int, hidden_size: int, nu
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=128, pad_token_id=pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -83,8 +89,9 @@ def fused_sft_loss(causal_lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
     target = batch["labels"][:, 1:]  # position t predicts token t+1
-    logprobs = ak.fused_linear_token_logprobs(hidden[:, :-1], causal_lm.get_output_embeddings().weight, target,
-                                              ignore_index=IGNORE_INDEX)  # fmt: skip
+    logprobs = ak.fused_linear_token_logprobs(
+        hidden[:, :-1], causal_lm.get_output_embeddings().weight, target, ignore_index=IGNORE_INDEX
+    )
     return ak.losses.sft_loss(logprobs, target != IGNORE_INDEX)
 
 
@@ -110,9 +117,14 @@ def _trainer_class():
                 opt_model = self.model if model is None else model
                 params = [p for p in opt_model.parameters() if p.requires_grad]
                 masks = {p: m for p, m in self.row_masks.items() if p.requires_grad}
-                self.optimizer = ak.SparseAdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                                eps=self.args.adam_epsilon, masks=masks)  # fmt: skip
+                self.optimizer = ak.SparseAdamW(
+                    params,
+                    lr=self.args.learning_rate,
+                    weight_decay=self.args.weight_decay,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                    masks=masks,
+                )
             return self.optimizer
 
     return AlloSFTTrainer
@@ -152,8 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
     from allo_train.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=args.hidden_size,
-                             num_layers=args.num_layers, seed=args.seed)  # fmt: skip
+    model = build_tiny_llama(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        seed=args.seed,
+    )
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # before the masks: they live on the params' device
     dataset = [tokenize(tokenizer, p, r) for p, r in SFT_EXAMPLES]
     collator = PadCollator(tokenizer.pad_token_id)
@@ -173,14 +190,23 @@ def main(argv: list[str] | None = None) -> dict:
     loss_before = dataset_loss()
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=args.output_dir or tmp, max_steps=args.steps, learning_rate=args.lr,
-            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-            lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-            use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=args.quiet,
+            output_dir=args.output_dir or tmp,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            remove_unused_columns=False,
+            disable_tqdm=args.quiet,
             seed=args.seed,
-        )  # fmt: skip
-        trainer = _trainer_class()(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                                   row_masks=masks)  # fmt: skip
+        )
+        trainer = _trainer_class()(
+            model=model, args=training_args, train_dataset=dataset, data_collator=collator, row_masks=masks
+        )
         trainer.train()
     loss_after = dataset_loss()
 
@@ -190,14 +216,18 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_after": loss_after,
         "step_losses": step_losses,
         "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,  # Accelerate wraps it
-        "unselected_rows_identical": all(torch.equal(p.detach().cpu()[~m.cpu()], before[p].cpu()[~m.cpu()])
-                                         for p, m in masks.items()),  # fmt: skip
-        "selected_rows_changed": all(not torch.equal(p.detach().cpu()[m.cpu()], before[p].cpu()[m.cpu()])
-                                     for p, m in masks.items()),  # fmt: skip
+        "unselected_rows_identical": all(
+            torch.equal(p.detach().cpu()[~m.cpu()], before[p].cpu()[~m.cpu()]) for p, m in masks.items()
+        ),
+        "selected_rows_changed": all(
+            not torch.equal(p.detach().cpu()[m.cpu()], before[p].cpu()[m.cpu()]) for p, m in masks.items()
+        ),
     }
     if not args.quiet:
-        print(f"SFT loss on the data set: {loss_before:.4f} -> {loss_after:.4f} ({result['optimizer']}); "
-              f"unselected rows bit-identical: {result['unselected_rows_identical']}")  # fmt: skip
+        print(
+            f"SFT loss on the data set: {loss_before:.4f} -> {loss_after:.4f} ({result['optimizer']}); "
+            f"unselected rows bit-identical: {result['unselected_rows_identical']}"
+        )
     return result
 
 

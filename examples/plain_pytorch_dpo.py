@@ -42,10 +42,16 @@ def build_tiny_llama(vocab_size: int, *, pad_token_id: int, hidden_size: int, nu
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=128, pad_token_id=pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -88,8 +94,12 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--mask-fraction", type=float, default=0.5,
-                        help="fraction of each rejected response's tokens masked out (ALLO: 1 - eps)")  # fmt: skip
+    parser.add_argument(
+        "--mask-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of each rejected response's tokens masked out (ALLO: 1 - eps)",
+    )
     parser.add_argument("--row-fraction", type=float, default=0.1, help="fraction of MLP rows SparseAdamW updates")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=2)
@@ -105,8 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=args.hidden_size,
-                             num_layers=args.num_layers, seed=args.seed).to(device)  # fmt: skip
+    model = build_tiny_llama(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        seed=args.seed,
+    ).to(device)
     model.eval()  # no dropout in Llama anyway; eval() keeps the reference and the policy forward identical
     input_ids, attention_mask, labels = (t.to(device) for t in tokenize_pairs(tokenizer, PREFERENCE_PAIRS))
     lm_head_weight = model.get_output_embeddings().weight
@@ -130,22 +145,30 @@ def main(argv: list[str] | None = None) -> dict:
     history: list[dict[str, float]] = []
     for step in range(args.steps):
         loss, metrics = ak.preference_loss(
-            hidden_states(), target, lm_head_weight=lm_head_weight, ref_logprobs=ref_logprobs, beta=args.beta,
-            mask_fraction=args.mask_fraction, mask_by="highest", mask_side="rejected",
-        )  # fmt: skip
+            hidden_states(),
+            target,
+            lm_head_weight=lm_head_weight,
+            ref_logprobs=ref_logprobs,
+            beta=args.beta,
+            mask_fraction=args.mask_fraction,
+            mask_by="highest",
+            mask_side="rejected",
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
         history.append(row)
         if not args.quiet:
-            print(f"step {step:3d}  loss {row['loss']:.4f}  margin {row['rewards/margins']:+.4f}  "
-                  f"acc {row['rewards/accuracies']:.2f}  kept rejected {row['tokens/rejected']:.1f}")  # fmt: skip
+            print(
+                f"step {step:3d}  loss {row['loss']:.4f}  margin {row['rewards/margins']:+.4f}  "
+                f"acc {row['rewards/accuracies']:.2f}  kept rejected {row['tokens/rejected']:.1f}"
+            )
 
     # The optimizer's contract, checked on the trained model: unselected rows never written, selected rows moved.
     unselected_identical = all(torch.equal(p.detach()[~m], before[p][~m]) for p, m in masks.items())
     selected_changed = all(not torch.equal(p.detach()[m], before[p][m]) for p, m in masks.items())
-    state_rows = {tuple(optimizer.state[p]["exp_avg"].shape)[0] for p in masks}
+    state_rows = {next(iter(optimizer.state[p]["exp_avg"].shape)) for p in masks}
     result = {
         "history": history,
         "margins": [h["rewards/margins"] for h in history],
@@ -156,8 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
         "selected_rows": sorted({int(m.sum()) for m in masks.values()}),
     }
     if not args.quiet:
-        print(f"margin {result['margins'][0]:+.4f} -> {result['margins'][-1]:+.4f}; unselected rows bit-identical: "
-              f"{unselected_identical}; selected rows changed: {selected_changed}")  # fmt: skip
+        print(
+            f"margin {result['margins'][0]:+.4f} -> {result['margins'][-1]:+.4f}; unselected rows bit-identical: "
+            f"{unselected_identical}; selected rows changed: {selected_changed}"
+        )
     return result
 
 

@@ -10,9 +10,9 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("ALLO_KERNELS_BACKEND", "triton")
 
-import torch  # noqa: E402
+import torch
 
-import allo_kernels as ak  # noqa: E402
+import allo_kernels as ak
 
 
 def main() -> None:

@@ -47,16 +47,24 @@ PREFERENCE_DATA = [
 ]
 
 
-def build_tiny_llama(vocab_size: int, *, pad_token_id: int, eos_token_id: int, hidden_size: int, num_layers: int,
-                     seed: int):  # fmt: skip
+def build_tiny_llama(
+    vocab_size: int, *, pad_token_id: int, eos_token_id: int, hidden_size: int, num_layers: int, seed: int
+):
     """A randomly initialised Llama straight from LlamaConfig (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        pad_token_id=pad_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -80,8 +88,14 @@ def _trainer_class():
         ``row_masks`` ({param: bool [rows]} for SparseAdamW; params without a mask get dense AdamW).
         """
 
-        def __init__(self, *args, allo_mask_fraction: float = 0.0, allo_mask_by: str = "highest",
-                     row_masks: dict[torch.nn.Parameter, torch.Tensor] | None = None, **kwargs):  # fmt: skip
+        def __init__(
+            self,
+            *args,
+            allo_mask_fraction: float = 0.0,
+            allo_mask_by: str = "highest",
+            row_masks: dict[torch.nn.Parameter, torch.Tensor] | None = None,
+            **kwargs,
+        ):
             self.allo_mask_fraction = allo_mask_fraction
             self.allo_mask_by = allo_mask_by
             self.row_masks = row_masks or {}
@@ -91,14 +105,20 @@ def _trainer_class():
         def _check_supported(self) -> None:
             a = self.args
             if self.ref_model is None or a.precompute_ref_log_probs:
-                raise ValueError("AlloDPOTrainer needs per-token reference log-probs: pass ref_model=... and "
-                                 f"precompute_ref_log_probs=False (got ref_model={type(self.ref_model).__name__}, "
-                                 f"precompute_ref_log_probs={a.precompute_ref_log_probs})")  # fmt: skip
+                raise ValueError(
+                    "AlloDPOTrainer needs per-token reference log-probs: pass ref_model=... and "
+                    f"precompute_ref_log_probs=False (got ref_model={type(self.ref_model).__name__}, "
+                    f"precompute_ref_log_probs={a.precompute_ref_log_probs})"
+                )
             if len(self.loss_types) != 1 or self.loss_types[0] not in SUPPORTED_LOSS_TYPES:
                 raise ValueError(f"loss_type must be one of {SUPPORTED_LOSS_TYPES}, got {self.loss_types}")
-            unsupported = {"f_divergence_type": (a.f_divergence_type, "reverse_kl"), "ld_alpha": (a.ld_alpha, None),
-                           "use_weighting": (a.use_weighting, False), "padding_free": (a.padding_free, False),
-                           "aux_loss_enabled": (self.aux_loss_enabled, False)}  # fmt: skip
+            unsupported = {
+                "f_divergence_type": (a.f_divergence_type, "reverse_kl"),
+                "ld_alpha": (a.ld_alpha, None),
+                "use_weighting": (a.use_weighting, False),
+                "padding_free": (a.padding_free, False),
+                "aux_loss_enabled": (self.aux_loss_enabled, False),
+            }
             for name, (got, want) in unsupported.items():
                 if got != want:
                     raise ValueError(f"AlloDPOTrainer supports only {name}={want!r}, got {got!r}")
@@ -112,10 +132,17 @@ def _trainer_class():
                 ref_hidden, _ = hidden_and_labels(ref, inputs)
                 ref_logprobs = ak.fused_linear_token_logprobs(ref_hidden, ref.get_output_embeddings().weight, labels)
             loss, metrics = ak.preference_loss(
-                hidden, labels, lm_head_weight=policy.get_output_embeddings().weight, ref_logprobs=ref_logprobs,
-                beta=self.beta, loss_type=self.loss_types[0], label_smoothing=self.label_smoothing,
-                mask_fraction=self.allo_mask_fraction, mask_by=self.allo_mask_by, mask_side="rejected",
-            )  # fmt: skip
+                hidden,
+                labels,
+                lm_head_weight=policy.get_output_embeddings().weight,
+                ref_logprobs=ref_logprobs,
+                beta=self.beta,
+                loss_type=self.loss_types[0],
+                label_smoothing=self.label_smoothing,
+                mask_fraction=self.allo_mask_fraction,
+                mask_by=self.allo_mask_by,
+                mask_side="rejected",
+            )
             for name, value in metrics.items():  # TRL averages these over the logging interval
                 self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value).mean().item())
             return (loss, metrics) if return_outputs else loss
@@ -125,9 +152,14 @@ def _trainer_class():
                 opt_model = self.model if model is None else model
                 params = [p for p in opt_model.parameters() if p.requires_grad]
                 masks = {p: m for p, m in self.row_masks.items() if p.requires_grad}
-                self.optimizer = ak.SparseAdamW(params, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
-                                                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                                eps=self.args.adam_epsilon, masks=masks)  # fmt: skip
+                self.optimizer = ak.SparseAdamW(
+                    params,
+                    lr=self.args.learning_rate,
+                    weight_decay=self.args.weight_decay,
+                    betas=(self.args.adam_beta1, self.args.adam_beta2),
+                    eps=self.args.adam_epsilon,
+                    masks=masks,
+                )
             return self.optimizer
 
     return AlloDPOTrainer
@@ -171,25 +203,50 @@ def build_trainer(args, output_dir: str, **config_overrides):
     from allo_train.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, hidden_size=args.hidden_size,
-                             num_layers=args.num_layers, seed=args.seed)  # fmt: skip
+    model = build_tiny_llama(
+        len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        seed=args.seed,
+    )
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # before the masks: they live on the params' device
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     masks = mlp_row_masks(model, args.row_fraction, seed=args.seed)
     for p in model.parameters():
         p.requires_grad_(p in masks)
-    config = DPOConfig(**{
-        **dict(output_dir=output_dir, max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
-               loss_type=[args.loss_type], per_device_train_batch_size=args.batch_size, lr_scheduler_type="constant",
-               logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
-               precompute_ref_log_probs=False, disable_tqdm=args.quiet, seed=args.seed),
-        **config_overrides,
-    })  # fmt: skip
+    config = DPOConfig(
+        **{
+            **dict(
+                output_dir=output_dir,
+                max_steps=args.steps,
+                learning_rate=args.lr,
+                beta=args.beta,
+                loss_type=[args.loss_type],
+                per_device_train_batch_size=args.batch_size,
+                lr_scheduler_type="constant",
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=not torch.cuda.is_available(),
+                bf16=False,
+                precompute_ref_log_probs=False,
+                disable_tqdm=args.quiet,
+                seed=args.seed,
+            ),
+            **config_overrides,
+        }
+    )
     trainer = _trainer_class()(
-        model=model, ref_model=ref_model, args=config, train_dataset=Dataset.from_list(PREFERENCE_DATA),
-        processing_class=tokenizer, allo_mask_fraction=args.allo_mask_fraction, row_masks=masks,
-    )  # fmt: skip
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=Dataset.from_list(PREFERENCE_DATA),
+        processing_class=tokenizer,
+        allo_mask_fraction=args.allo_mask_fraction,
+        row_masks=masks,
+    )
     return trainer, masks
 
 
@@ -222,9 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
         "selected_rows_changed": all(not torch.equal(p.detach()[m], before[p][m]) for p, m in masks.items()),
     }
     if not args.quiet:
-        print(f"margin {result['margins'][0]:+.4f} -> {result['margins'][-1]:+.4f} ({result['optimizer']}); "
-              f"unmasked DPO loss: allo {allo_loss:.6f} vs TRL {trl_loss:.6f}; "
-              f"unselected rows bit-identical: {result['unselected_rows_identical']}")  # fmt: skip
+        print(
+            f"margin {result['margins'][0]:+.4f} -> {result['margins'][-1]:+.4f} ({result['optimizer']}); "
+            f"unmasked DPO loss: allo {allo_loss:.6f} vs TRL {trl_loss:.6f}; "
+            f"unselected rows bit-identical: {result['unselected_rows_identical']}"
+        )
     return result
 
 

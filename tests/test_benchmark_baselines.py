@@ -137,8 +137,9 @@ def test_official_mask_adamw_matches_sparse_adamw_on_selected_rows(dtype):
     # torch's AdamW (denom = sqrt(v) / sqrt(1 - b2^t) + eps) exactly in real arithmetic only without eps; with eps they
     # differ by eps's placement (up to ~1e-3 relative for gradients near eps / sqrt(1 - b2)), a deliberate difference
     opt_ours = ak.SparseAdamW(ours, lr=1e-2, eps=0.0, masks=dict(zip(ours, row_masks)), master_weights=master)
-    opt_off = bench_e2e.OfficialMaskAdamW(theirs, lr=1e-2, eps=0.0, masks=dict(zip(theirs, row_masks)),
-                                          master_weights=master)  # fmt: skip
+    opt_off = bench_e2e.OfficialMaskAdamW(
+        theirs, lr=1e-2, eps=0.0, masks=dict(zip(theirs, row_masks)), master_weights=master
+    )
     for step_grads in grads:
         for a, b, gr in zip(ours, theirs, step_grads):
             a.grad, b.grad = gr.clone(), gr.clone()
@@ -163,8 +164,9 @@ def test_official_mask_adamw_matches_sparse_adamw_on_selected_rows(dtype):
 
 def test_e2e_steps_run_on_a_tiny_llama():
     """Both e2e step implementations train the same masked rows of the tiny Llama and nothing else."""
-    spec = bench_e2e.ModelSpec(hidden=32, layers=1, heads=2, intermediate=64, vocab=0, seq_len=16, pairs=1,
-                               dtype=torch.float32)  # fmt: skip
+    spec = bench_e2e.ModelSpec(
+        hidden=32, layers=1, heads=2, intermediate=64, vocab=0, seq_len=16, pairs=1, dtype=torch.float32
+    )
     model = bench_e2e.get_model(spec)
     vocab = model.config.vocab_size
     for case in bench_e2e.CASES:

@@ -33,8 +33,18 @@ def _row(suite, case, impl, n, dtype, **fields):
 def results_json(tmp_path):
     rows = [
         # Known suite, ours = "allo" (marked).
-        _row("token_logprobs", "full", "allo", 4096, "bf16", ours=True, median_ms=2.0, peak_mem_mb=100.0,
-             gbps=1500.0, pct_of_peak=44.8),
+        _row(
+            "token_logprobs",
+            "full",
+            "allo",
+            4096,
+            "bf16",
+            ours=True,
+            median_ms=2.0,
+            peak_mem_mb=100.0,
+            gbps=1500.0,
+            pct_of_peak=44.8,
+        ),
         _row("token_logprobs", "full", "eager_fp32", 4096, "bf16", median_ms=6.0, peak_mem_mb=400.0),
         _row("token_logprobs", "full", "trl_selective", 4096, "bf16", median_ms=5.0, peak_mem_mb=250.0),
         _row("token_logprobs", "full", "compiled", 4096, "bf16", status="oom"),

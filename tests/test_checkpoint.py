@@ -138,7 +138,11 @@ def test_metrics_logger_jsonl_and_loss_curves(tmp_path):
         f.write('{"stage": "improve", "ste')  # torn last line of a crashed run
     records = read_metrics(tmp_path)
     assert [(r["stage"], r["step"], r["loss"]) for r in records] == [
-        ("warmup", 1, 1.0), ("warmup", 2, 0.5), ("warmup", 3, pytest.approx(1 / 3)), ("improve", 4, 0.1)]
+        ("warmup", 1, 1.0),
+        ("warmup", 2, 0.5),
+        ("warmup", 3, pytest.approx(1 / 3)),
+        ("improve", 4, 0.1),
+    ]
     assert records[0]["rewards/margins"] == 0.5 and records[0]["note"] == "x"
     with pytest.raises(ValueError, match="'loss' must be a scalar"):
         MetricsLogger(tmp_path / "x", enabled=True).log(1, {"loss": torch.ones(2)})

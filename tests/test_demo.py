@@ -9,7 +9,6 @@ import pytest
 from allo_train.demo import QUICK, exact_match, make_problems, run_demo
 
 
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
@@ -48,8 +47,9 @@ def test_accuracies_are_real(demo):
     rows = {(r["model"], r["stage"].split()[0]): r for r in result["rows"]}
     assert all(0.0 <= r["exact_match"] <= 100.0 for r in result["rows"])
     n_held = QUICK.held_out
-    assert all(abs(r["exact_match"] * n_held / 100 - round(r["exact_match"] * n_held / 100)) < 1e-6
-               for r in result["rows"])  # a count of right answers out of the held-out problems
+    assert all(
+        abs(r["exact_match"] * n_held / 100 - round(r["exact_match"] * n_held / 100)) < 1e-6 for r in result["rows"]
+    )  # a count of right answers out of the held-out problems
     base, sft = rows[("base", "random")], rows[("SFT", "sft")]
     assert base["exact_match"] <= 2.0  # random weights: (almost) never the exact sum
     assert sft["exact_match"] > base["exact_match"] + 5.0  # SFT learned something

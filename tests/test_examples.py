@@ -9,6 +9,7 @@ user gets); one case runs the plain loop on the Triton kernels under the interpr
 """
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def load_example(name: str):
 
 def strictly_better(values, *, higher: bool) -> bool:
     """Monotone improvement from step to step (what a few steps of a constant-LR run on one fixed batch give)."""
-    pairs = list(zip(values, values[1:]))
+    pairs = list(itertools.pairwise(values))
     return all((b > a) if higher else (b < a) for a, b in pairs)
 
 

@@ -11,8 +11,11 @@ from allo_kernels.ops.token_logprobs import token_logprobs_reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Half-precision runs are judged against an fp32 reference of the same half inputs: the logits chunk itself is
 # rounded to the half type, so the comparison allows that one rounding of O(1) logits.
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
-       torch.float16: dict(atol=6e-3, rtol=6e-3)}
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=4e-2, rtol=4e-2),
+    torch.float16: dict(atol=6e-3, rtol=6e-3),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +83,7 @@ def test_single_token_and_all_ignored(backend):
     hidden, weight, bias, _ = make(torch.float32, lead=(1,), V=10)
     h, w, b = leaves(hidden, weight, bias)
     out = ak.fused_linear_token_logprobs(h, w, torch.tensor([9]), bias=b)
-    ref, gh, gw, gb = reference(hidden, weight, bias, torch.tensor([9]), torch.ones(1))
+    ref, _gh, gw, _gb = reference(hidden, weight, bias, torch.tensor([9]), torch.ones(1))
     out.sum().backward()
     torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
     torch.testing.assert_close(w.grad, gw, **TOL[torch.float32])
@@ -190,7 +193,7 @@ def test_gpu_bf16_realistic():
     out = ak.fused_linear_token_logprobs(h, w, labels, chunk_size=100)
     g = torch.randn(2, 256, device="cuda")
     out.backward(g)
-    ref, gh, gw, _ = reference(hidden, weight, None, labels, g)
+    ref, _gh, gw, _ = reference(hidden, weight, None, labels, g)
     torch.testing.assert_close(out.detach(), ref, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(w.grad.float(), gw, atol=5e-2, rtol=5e-2)
 

@@ -38,8 +38,11 @@ def test_top_k_is_exact_with_ties_by_position(monkeypatch, force_radix):
         monkeypatch.setattr(L, "_KTHVALUE_MAX_ELEMENTS", 0)
     g = torch.Generator().manual_seed(0)
     # Few distinct values -> many ties at the threshold; zeros and an inf included.
-    scores = [torch.randint(0, 4, (7, 5), generator=g).float() / 4, torch.randint(0, 4, (13,), generator=g).float() / 4,
-              torch.tensor([0.0, float("inf"), 0.5, -0.0])]
+    scores = [
+        torch.randint(0, 4, (7, 5), generator=g).float() / 4,
+        torch.randint(0, 4, (13,), generator=g).float() / 4,
+        torch.tensor([0.0, float("inf"), 0.5, -0.0]),
+    ]
     total = sum(s.numel() for s in scores)
     for k in (0, 1, 5, 17, 24, 30, total - 1, total):
         got = L.top_k_masks(scores, k)
@@ -80,7 +83,9 @@ def test_element_global_selects_exactly_floor_ratio_of_candidates_and_excludes_d
 
 def test_element_per_matrix_and_row_granularity():
     imp = toy_model_importance()
-    per = L.select_masks(imp, ratio=0.25, granularity="element", scope="per_matrix", exclude=["*norm*", "*embed*", "lm_head*"])
+    per = L.select_masks(
+        imp, ratio=0.25, granularity="element", scope="per_matrix", exclude=["*norm*", "*embed*", "lm_head*"]
+    )
     for n, m in per.items():
         if "norm" in n or "embed" in n or n.startswith("lm_head"):
             assert not m.any()
@@ -154,7 +159,7 @@ def test_delta_and_grad_importance():
     assert list(imp) == ["w"] and imp["w"].dtype == torch.float32  # integer buffers skipped
     assert imp["w"].tolist() == [[0.5, 0.0], [1.0, 0.25]]
     assert L.delta_importance(start, warm, learning_rate=0.5)["w"].tolist() == [[1.0, 0.0], [2.0, 0.5]]
-    with pytest.raises(ValueError, match="'v'.*missing from the start"):
+    with pytest.raises(ValueError, match=r"'v'.*missing from the start"):
         L.delta_importance(start, {**warm, "v": torch.ones(1)})
 
     model = torch.nn.Linear(3, 2)

@@ -158,9 +158,14 @@ def test_masked_dpo_composes_to_official_allo_improving():
     keep = keep.bool()
     # what token_scores hands over: masked sums of policy and reference log-probs
     loss, metrics = L.masked_dpo_loss(
-        pc.sum(-1), (pr * keep).sum(-1), rc.sum(-1), (rr * keep).sum(-1),
-        beta=beta, chosen_tokens=valid.sum(-1).double(), rejected_tokens=keep.sum(-1),
-    )  # fmt: skip
+        pc.sum(-1),
+        (pr * keep).sum(-1),
+        rc.sum(-1),
+        (rr * keep).sum(-1),
+        beta=beta,
+        chosen_tokens=valid.sum(-1).double(),
+        rejected_tokens=keep.sum(-1),
+    )
     close(loss, float(expected.detach()), tol=1e-12)
     g_ours = torch.autograd.grad(loss, (pc, pr))
     g_official = torch.autograd.grad(expected, (pc, pr))
@@ -189,10 +194,12 @@ def test_npo_matches_formula_and_gradcheck(beta):
     close(loss, mean(-(2 / beta) * logsig(-beta * (x - y)) for x, y in zip(a, b)), tol=2e-5)
     assert_metrics(metrics, {"rewards/rejected": mean(beta * (x - y) for x, y in zip(a, b)), "logps/rejected": mean(a)})
     s64, r64, _, _ = seq_batch(3, seed=8, dtype=torch.float64, scale=2.0, offset=-3.0)
-    assert torch.autograd.gradcheck(lambda x, y: L.npo_loss(x, y, beta=beta)[0], (s64.requires_grad_(), r64.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda x, y: L.npo_loss(x, y, beta=beta)[0], (s64.requires_grad_(), r64.requires_grad_())
+    )
 
 
-# ------------------------------------------------------------------------------------------- ALLO forgetting (token NPO)
+# ------------------------------------------------------------------------------------------ ALLO forgetting (token NPO)
 def official_allo_forgetting(logits, labels, reward, ref_prob, beta=0.1):
     """RUCAIBox/ALLO train_forgetting.py LlamaForFGNPO.forward, re-written (already shifted inputs, fp32)."""
     V = logits.size(-1)
@@ -469,7 +476,9 @@ def test_kto_kl_clamped_detached_and_one_sided_batches():
     assert float(metrics["kl"]) == 0.0 and float(metrics["rewards/rejected"]) == 0.0
     loss.backward()
     assert pk.grad is None  # the KL reference point is a constant
-    assert torch.autograd.gradcheck(lambda a, b: L.kto_loss(empty, a, empty, b, beta=0.5)[0], (pc, rc.clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: L.kto_loss(empty, a, empty, b, beta=0.5)[0], (pc, rc.clone().requires_grad_())
+    )
     with pytest.raises(ValueError, match="both empty"):
         L.kto_loss(empty, empty, empty, empty)
     with pytest.raises(ValueError, match="policy_kl"):

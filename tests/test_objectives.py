@@ -49,11 +49,13 @@ def test_allo_improving_matches_official_formula(backend_name, fused, backend):
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     if fused:
-        loss, metrics = ak.preference_loss(h, labels, lm_head_weight=w, ref_logprobs=ref, beta=0.2,
-                                           mask_fraction=0.9, mask_by="highest", chunk_size=7)
+        loss, metrics = ak.preference_loss(
+            h, labels, lm_head_weight=w, ref_logprobs=ref, beta=0.2, mask_fraction=0.9, mask_by="highest", chunk_size=7
+        )
     else:
-        loss, metrics = ak.preference_loss(h @ w.t(), labels, ref_logprobs=ref, beta=0.2,
-                                           mask_fraction=0.9, mask_by="highest")
+        loss, metrics = ak.preference_loss(
+            h @ w.t(), labels, ref_logprobs=ref, beta=0.2, mask_fraction=0.9, mask_by="highest"
+        )
     loss.backward()
     h2 = hidden.clone().requires_grad_()
     w2 = weight.clone().requires_grad_()
@@ -66,7 +68,9 @@ def test_allo_improving_matches_official_formula(backend_name, fused, backend):
     n_rej = (labels[2:] != -100).sum(-1).float()
     expected_kept = n_rej - torch.floor(0.9 * n_rej)
     torch.testing.assert_close(metrics["tokens/rejected"], expected_kept.mean())
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(
+        metrics
+    )
 
 
 def test_plain_dpo_and_ipo_without_mask(backend):
@@ -95,10 +99,11 @@ def test_forgetting_matches_official_formula(fused, backend):
     w_tok = (torch.rand(labels.shape, generator=g) > 0.5).float() * torch.rand(labels.shape, generator=g)
     h = hidden.clone().requires_grad_()
     if fused:
-        loss, metrics = ak.forgetting_loss(h, labels, lm_head_weight=weight, ref_logprobs=ref, weights=w_tok,
-                                           beta=0.1, chunk_size=5)
+        loss, _metrics = ak.forgetting_loss(
+            h, labels, lm_head_weight=weight, ref_logprobs=ref, weights=w_tok, beta=0.1, chunk_size=5
+        )
     else:
-        loss, metrics = ak.forgetting_loss(h @ weight.t(), labels, ref_logprobs=ref, weights=w_tok, beta=0.1)
+        loss, _metrics = ak.forgetting_loss(h @ weight.t(), labels, ref_logprobs=ref, weights=w_tok, beta=0.1)
     loss.backward()
     # Official train_forgetting.py: logits.float() -> CE(reduction="none") -> sum(-r * logsig(-beta*(logp-ref))) / #r!=0
     h2 = hidden.clone().requires_grad_()

@@ -15,8 +15,10 @@ import torch
 from allo_kernels.optim import SparseAdamW, _native
 from allo_kernels.optim import sparse_adamw as sa_mod
 
-NATIVE = pytest.param("native", marks=pytest.mark.skipif(not _native.available(),
-                                                         reason=f"native library not built: {_native.load_error()}"))
+NATIVE = pytest.param(
+    "native",
+    marks=pytest.mark.skipif(not _native.available(), reason=f"native library not built: {_native.load_error()}"),
+)
 BACKENDS = ["torch", NATIVE]
 
 
@@ -27,8 +29,19 @@ def _close(actual, expected, backend, atol=1e-6, rtol=1e-5):
         torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
-def _run_pair(backend, *, shape=(48, 20), row_frac=0.3, steps=5, wd=0.1, amsgrad=False, maximize=False,
-              betas=(0.9, 0.999), element=False, seed=0):
+def _run_pair(
+    backend,
+    *,
+    shape=(48, 20),
+    row_frac=0.3,
+    steps=5,
+    wd=0.1,
+    amsgrad=False,
+    maximize=False,
+    betas=(0.9, 0.999),
+    element=False,
+    seed=0,
+):
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(shape, generator=g)
     b0 = torch.randn(shape[0], generator=g)
@@ -39,8 +52,16 @@ def _run_pair(backend, *, shape=(48, 20), row_frac=0.3, steps=5, wd=0.1, amsgrad
         mask = torch.rand(shape[0], generator=g) < row_frac
     p, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
     q, bq = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-    opt = SparseAdamW([p, b], lr=3e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad, maximize=maximize,
-                      masks={p: mask}, backend=backend)
+    opt = SparseAdamW(
+        [p, b],
+        lr=3e-2,
+        betas=betas,
+        weight_decay=wd,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        masks={p: mask},
+        backend=backend,
+    )
     ref = torch.optim.AdamW([q, bq], lr=3e-2, betas=betas, weight_decay=wd, amsgrad=amsgrad, maximize=maximize)
     for _ in range(steps):
         gw, gb = torch.randn(shape, generator=g), torch.randn(shape[0], generator=g)
@@ -53,7 +74,7 @@ def _run_pair(backend, *, shape=(48, 20), row_frac=0.3, steps=5, wd=0.1, amsgrad
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("wd,amsgrad,maximize", [(0.0, False, False), (0.1, False, False), (0.05, True, True)])
 def test_row_mask_matches_adamw_on_selected_rows(backend, wd, amsgrad, maximize):
-    opt, (p, b, w0, b0, mask), (q, bq, ref) = _run_pair(backend, wd=wd, amsgrad=amsgrad, maximize=maximize)
+    opt, (p, b, w0, _b0, mask), (q, bq, ref) = _run_pair(backend, wd=wd, amsgrad=amsgrad, maximize=maximize)
     _close(p.detach()[mask], q.detach()[mask], backend)
     assert torch.equal(p.detach()[~mask], w0[~mask])  # unselected rows: bit-identical, no weight decay
     _close(b.detach(), bq.detach(), backend)  # unmasked param: dense AdamW
@@ -70,14 +91,14 @@ def test_row_mask_matches_adamw_on_selected_rows(backend, wd, amsgrad, maximize)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_beta1_lerp_branch(backend):
-    opt, (p, b, w0, b0, mask), (q, bq, ref) = _run_pair(backend, betas=(0.3, 0.9), steps=3)
+    _opt, (p, _b, w0, _b0, mask), (q, _bq, _ref) = _run_pair(backend, betas=(0.3, 0.9), steps=3)
     _close(p.detach()[mask], q.detach()[mask], backend)
     assert torch.equal(p.detach()[~mask], w0[~mask])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_element_mask(backend):
-    opt, (p, b, w0, b0, mask), (q, bq, ref) = _run_pair(backend, element=True, row_frac=0.1)
+    opt, (p, _b, w0, _b0, mask), (q, _bq, ref) = _run_pair(backend, element=True, row_frac=0.1)
     _close(p.detach()[mask], q.detach()[mask], backend)
     assert torch.equal(p.detach()[~mask], w0[~mask])  # includes unselected elements of rows that hold state
     rows = mask.any(dim=1)
@@ -126,7 +147,7 @@ def test_bf16_without_master_updates_in_fp32(backend):
     opt.step()
     ref.step()
     assert "master" not in opt.state[p]
-    torch.testing.assert_close(p.detach()[mask], q.detach()[mask].to(torch.bfloat16), atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(p.detach()[mask], q.detach()[mask].to(torch.bfloat16), atol=0, rtol=2**-7)
     assert torch.equal(p.detach()[~mask], w0[~mask])
 
 
@@ -151,7 +172,11 @@ def test_lr_schedule_through_param_groups(backend):
 
 def test_param_group_mask_key_and_params_without_grad():
     torch.manual_seed(6)
-    a, b, c = torch.randn(8, 4, requires_grad=True), torch.randn(6, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    a, b, c = (
+        torch.randn(8, 4, requires_grad=True),
+        torch.randn(6, 3, requires_grad=True),
+        torch.randn(5, requires_grad=True),
+    )
     ma, mb = torch.rand(8) < 0.5, torch.rand(6, 3) < 0.5
     opt = SparseAdamW([{"params": [a], "mask": ma}, {"params": [b, c], "mask": [mb, None], "lr": 0.5}], backend="torch")
     assert opt.mask_of(a) is not None and opt.mask_of(b) is not None and opt.mask_of(c) is None
@@ -180,8 +205,9 @@ def test_state_dict_round_trip_is_exact(backend, dtype, master):
 
     def make(w):
         p = w.clone().requires_grad_()
-        return p, SparseAdamW([p], lr=1e-2, weight_decay=0.1, masks={p: mask}, master_weights=master, amsgrad=True,
-                              backend=backend)
+        return p, SparseAdamW(
+            [p], lr=1e-2, weight_decay=0.1, masks={p: mask}, master_weights=master, amsgrad=True, backend=backend
+        )
 
     p1, o1 = make(w0)
     for gr in grads[:2]:
@@ -228,7 +254,7 @@ def test_changing_a_mask_migrates_state_of_rows_that_stay():
 def test_bad_masks_raise_clear_errors():
     p = torch.randn(6, 4, requires_grad=True)
     stranger = torch.randn(6, 4, requires_grad=True)
-    with pytest.raises(TypeError, match="torch.bool"):
+    with pytest.raises(TypeError, match=r"torch\.bool"):
         SparseAdamW([p], masks={p: torch.ones(6)})
     with pytest.raises(ValueError, match=r"shape \(6,\) \(rows\) or \(6, 4\)"):
         SparseAdamW([p], masks={p: torch.ones(5, dtype=torch.bool)})
@@ -246,13 +272,16 @@ def test_bad_masks_raise_clear_errors():
         SparseAdamW([p], backend="cuda")
 
 
-@pytest.mark.parametrize("pdtype,gdtype,master,amsgrad,element", [
-    (torch.float32, torch.float32, False, False, False),
-    (torch.float32, torch.float32, False, True, True),
-    (torch.bfloat16, torch.bfloat16, True, False, True),
-    (torch.bfloat16, torch.bfloat16, False, True, False),
-    (torch.float16, torch.float16, True, True, False),
-])
+@pytest.mark.parametrize(
+    "pdtype,gdtype,master,amsgrad,element",
+    [
+        (torch.float32, torch.float32, False, False, False),
+        (torch.float32, torch.float32, False, True, True),
+        (torch.bfloat16, torch.bfloat16, True, False, True),
+        (torch.bfloat16, torch.bfloat16, False, True, False),
+        (torch.float16, torch.float16, True, True, False),
+    ],
+)
 @pytest.mark.skipif(not _native.available(), reason="native library not built")
 def test_native_matches_reference(pdtype, gdtype, master, amsgrad, element):
     # big enough for several OpenMP chunks (16384 elements) with segments that straddle chunk edges
@@ -263,8 +292,9 @@ def test_native_matches_reference(pdtype, gdtype, master, amsgrad, element):
     out = {}
     for backend in ("torch", "native"):
         p = w0.clone().requires_grad_()
-        opt = SparseAdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, masks={p: mask}, master_weights=master,
-                          backend=backend)
+        opt = SparseAdamW(
+            [p], lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, masks={p: mask}, master_weights=master, backend=backend
+        )
         gg = torch.Generator().manual_seed(10)
         for _ in range(3):
             p.grad = torch.randn(shape, generator=gg).to(gdtype)
@@ -309,10 +339,14 @@ def test_zero_param_groups_drops_all_false_masks_and_frozen_only_groups():
 
     a, b, c = (torch.randn(4, 3, requires_grad=True) for _ in range(3))
     frozen = torch.randn(2, requires_grad=False)
-    groups = [{"params": [a, b], "weight_decay": 0.1},
-              {"params": [c], "mask": torch.zeros(4, dtype=torch.bool)},  # all-false mask: the whole group goes
-              {"params": [frozen]}]
-    out, masks = zero_param_groups(groups, {b: torch.zeros(4, 3, dtype=torch.bool), a: torch.tensor([1, 0, 1, 0]).bool()})
+    groups = [
+        {"params": [a, b], "weight_decay": 0.1},
+        {"params": [c], "mask": torch.zeros(4, dtype=torch.bool)},  # all-false mask: the whole group goes
+        {"params": [frozen]},
+    ]
+    out, masks = zero_param_groups(
+        groups, {b: torch.zeros(4, 3, dtype=torch.bool), a: torch.tensor([1, 0, 1, 0]).bool()}
+    )
     assert len(out) == 1 and out[0]["params"] == [a] and out[0]["weight_decay"] == 0.1
     assert list(masks) == [a]
     assert not b.requires_grad and not c.requires_grad

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from allo_kernels.optim import SparseAdamW
-from allo_kernels.optim import _triton_adamw
+from allo_kernels.optim import SparseAdamW, _triton_adamw
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
@@ -29,19 +28,29 @@ def _params(dtype, seed=0):
     return ws, masks
 
 
-@pytest.mark.parametrize("dtype,master,amsgrad", [
-    (torch.float32, False, False),
-    (torch.float32, False, True),
-    (torch.bfloat16, True, False),
-    (torch.float16, False, True),
-])
+@pytest.mark.parametrize(
+    "dtype,master,amsgrad",
+    [
+        (torch.float32, False, False),
+        (torch.float32, False, True),
+        (torch.bfloat16, True, False),
+        (torch.float16, False, True),
+    ],
+)
 def test_triton_matches_reference_one_launch_for_many_tensors(dtype, master, amsgrad):
     ws, masks = _params(dtype)
     out = {}
     for backend in ("torch", "triton"):
         ps = [w.clone().requires_grad_() for w in ws]
-        opt = SparseAdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, master_weights=master, backend=backend,
-                          masks={p: m for p, m in zip(ps, masks) if m is not None})
+        opt = SparseAdamW(
+            ps,
+            lr=1e-2,
+            weight_decay=0.1,
+            amsgrad=amsgrad,
+            master_weights=master,
+            backend=backend,
+            masks={p: m for p, m in zip(ps, masks) if m is not None},
+        )
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             for p in ps:
@@ -98,8 +107,14 @@ def test_triton_cuda_matches_reference(dtype, master):
     out = {}
     for backend in ("torch", "triton"):
         ps = [w.cuda().requires_grad_() for w in ws]
-        opt = SparseAdamW(ps, lr=1e-2, weight_decay=0.1, master_weights=master, backend=backend,
-                          masks={p: m.cuda() for p, m in zip(ps, masks) if m is not None})
+        opt = SparseAdamW(
+            ps,
+            lr=1e-2,
+            weight_decay=0.1,
+            master_weights=master,
+            backend=backend,
+            masks={p: m.cuda() for p, m in zip(ps, masks) if m is not None},
+        )
         g = torch.Generator().manual_seed(6)
         for _ in range(3):
             for p in ps:

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import tolerances
 
 import allo_kernels as ak
 from allo_kernels.ops import token_logprobs as op
 from allo_kernels.ops.token_logprobs import as_row_addressable, token_logprobs_reference
-from conftest import tolerances
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from conftest import tolerances
 
 import allo_kernels as ak
 from allo_kernels.ops import token_logprobs as logprob_op
 from allo_kernels.ops.token_scores import _select_reference, _select_triton
-from conftest import tolerances
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -21,9 +21,11 @@ def brute_force_masked(rewards, valid, fraction, *, highest, scope):
     ties to the earlier position."""
     B, T = rewards.shape
     masked = torch.zeros(B, T, dtype=torch.bool)
-    scopes = [[(b, t) for t in range(T)] for b in range(B)] if scope == "sequence" else [
-        [(b, t) for b in range(B) for t in range(T)]
-    ]
+    scopes = (
+        [[(b, t) for t in range(T)] for b in range(B)]
+        if scope == "sequence"
+        else [[(b, t) for b in range(B) for t in range(T)]]
+    )
     for positions in scopes:
         cand = [(b, t) for (b, t) in positions if valid[b, t]]
         k = math.floor(fraction * len(cand))

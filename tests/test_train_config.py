@@ -120,7 +120,7 @@ def test_deepspeed_path_is_read_and_missing_path_is_named(tmp_path):
     cfg = load_config(None, {"deepspeed": str(ds)})
     assert resolve_deepspeed_config(cfg)["zero_optimization"]["stage"] == 3
     cfg = load_config(None, {"deepspeed": str(tmp_path / "missing.json")})
-    with pytest.raises(ValueError, match="'deepspeed'.*missing.json"):
+    with pytest.raises(ValueError, match=r"'deepspeed'.*missing\.json"):
         resolve_deepspeed_config(cfg)
 
 

@@ -41,8 +41,14 @@ def test_char_tokenizer_round_trips_through_save_pretrained(tmp_path):
 
 
 def test_preference_strings_tokenize_with_prompt_masked_and_collate_chosen_then_rejected(tmp_path, tok):
-    path = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": "Q1 ", "chosen": "good", "rejected": "bad"}, "",
-                                                 {"prompt": "Q22 ", "chosen": "ok", "rejected": "nope!"}])
+    path = write_jsonl(
+        tmp_path / "pref.jsonl",
+        [
+            {"prompt": "Q1 ", "chosen": "good", "rejected": "bad"},
+            "",
+            {"prompt": "Q22 ", "chosen": "ok", "rejected": "nope!"},
+        ],
+    )
     examples = data.load_preference_jsonl(path)
     assert [e.source for e in examples] == [f"{path}:1", f"{path}:3"]  # blank line skipped, numbers kept
     feats = data.tokenize_preference(examples, tok, max_length=64, max_prompt_length=16)
@@ -53,8 +59,12 @@ def test_preference_strings_tokenize_with_prompt_masked_and_collate_chosen_then_
 
     batch = data.PreferenceCollator(pad_token_id=PAD)(feats)
     assert batch["input_ids"].shape == (4, 11)  # 2B rows; longest = BOS + "Q22 " + "nope!" + EOS
-    rows = [feats[0]["chosen_input_ids"], feats[1]["chosen_input_ids"],
-            feats[0]["rejected_input_ids"], feats[1]["rejected_input_ids"]]
+    rows = [
+        feats[0]["chosen_input_ids"],
+        feats[1]["chosen_input_ids"],
+        feats[0]["rejected_input_ids"],
+        feats[1]["rejected_input_ids"],
+    ]
     for r, row in enumerate(rows):
         n = len(row)
         assert batch["input_ids"][r, :n].tolist() == row
@@ -77,8 +87,10 @@ def test_truncation_keeps_prompt_end_and_response_start(tok):
 
 def test_chat_messages_use_the_template_and_mark_only_the_response(tmp_path, chat_tok, tok):
     prompt = [{"role": "user", "content": "hi"}]
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "yo"}],
-                                                  "rejected": "no"}])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "yo"}], "rejected": "no"}],
+    )
     (ex,) = data.load_preference_jsonl(path)
     assert ex.rejected == [{"role": "assistant", "content": "no"}]  # a string response after messages
     (f,) = data.tokenize_preference([ex], chat_tok, max_length=64, max_prompt_length=32)
@@ -112,8 +124,13 @@ def test_malformed_preference_line_names_file_and_line(tmp_path, line, fragment)
 
 
 def test_forgetting_token_weights_align_with_labels_and_length_mismatch_names_line(tmp_path, tok):
-    path = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "Q:", "rejected": "abc", "token_weights": [0.5, 0, 2]},
-                                              {"prompt": "Q:", "rejected": "de", "token_weights": [1, 1]}])
+    path = write_jsonl(
+        tmp_path / "f.jsonl",
+        [
+            {"prompt": "Q:", "rejected": "abc", "token_weights": [0.5, 0, 2]},
+            {"prompt": "Q:", "rejected": "de", "token_weights": [1, 1]},
+        ],
+    )
     feats = data.tokenize_forgetting(data.load_forgetting_jsonl(path), tok, max_length=32, max_prompt_length=8)
     batch = data.ForgettingCollator(pad_token_id=PAD)(feats)
     assert batch["token_weights"].dtype == torch.float32
@@ -125,15 +142,22 @@ def test_forgetting_token_weights_align_with_labels_and_length_mismatch_names_li
     (short,) = data.tokenize_forgetting(data.load_forgetting_jsonl(path)[:1], tok, max_length=5, max_prompt_length=3)
     assert short["input_ids"] == [BOS] + ids(tok, "Q:ab") and short["token_weights"] == [0, 0, 0, 0.5, 0]
 
-    bad = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "Q:", "rejected": "de", "token_weights": [1, 1]},
-                                             {"prompt": "Q:", "rejected": "abc", "token_weights": [1, 1]}])
+    bad = write_jsonl(
+        tmp_path / "g.jsonl",
+        [
+            {"prompt": "Q:", "rejected": "de", "token_weights": [1, 1]},
+            {"prompt": "Q:", "rejected": "abc", "token_weights": [1, 1]},
+        ],
+    )
     examples = data.load_forgetting_jsonl(bad)
     with pytest.raises(ValueError, match=rf"^{bad}:2: 'token_weights' has 2 values but the rejected response has 3"):
         data.tokenize_forgetting(examples, tok, max_length=32, max_prompt_length=8)
     assert data.response_token_ids(tok, "Q:", "abc") == ids(tok, "abc")
 
-    for row, fragment in [({"prompt": "Q", "rejected": "a"}, "missing field 'token_weights'"),
-                          ({"prompt": "Q", "rejected": "a", "token_weights": ["x"]}, "list of finite numbers")]:
+    for row, fragment in [
+        ({"prompt": "Q", "rejected": "a"}, "missing field 'token_weights'"),
+        ({"prompt": "Q", "rejected": "a", "token_weights": ["x"]}, "list of finite numbers"),
+    ]:
         p = write_jsonl(tmp_path / "h.jsonl", [row])
         with pytest.raises(ValueError, match=rf"^{p}:1: .*{fragment}"):
             data.load_forgetting_jsonl(p)
@@ -148,17 +172,24 @@ def test_corrected_token_weights_mark_the_minimal_edit():
 
 
 def test_forgetting_from_corrected_responses(tmp_path, tok):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Q", "rejected": "2+2=5", "corrected": "2+2=4"},
-                                              {"prompt": "Q", "rejected": "ab", "corrected": "abc"}])
-    feats = data.tokenize_forgetting(data.load_forgetting_jsonl(path, token_weight_source="corrected"), tok,
-                                     max_length=32, max_prompt_length=8)
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "Q", "rejected": "2+2=5", "corrected": "2+2=4"},
+            {"prompt": "Q", "rejected": "ab", "corrected": "abc"},
+        ],
+    )
+    feats = data.tokenize_forgetting(
+        data.load_forgetting_jsonl(path, token_weight_source="corrected"), tok, max_length=32, max_prompt_length=8
+    )
     assert feats[0]["token_weights"] == [0, 0] + [0, 0, 0, 0, 1] + [0]  # only "5"
     assert feats[1]["token_weights"] == [0, 0] + [0, 0] + [1]  # appended text: the rejected EOS ended too early
     with pytest.raises(ValueError, match=rf"^{path}:1: missing field 'token_weights'"):
         data.load_forgetting_jsonl(path)
     # Scoring-model source: no weights in the data, none in the batch.
-    feats = data.tokenize_forgetting(data.load_forgetting_jsonl(path, token_weight_source="scoring_model"), tok,
-                                     max_length=32, max_prompt_length=8)
+    feats = data.tokenize_forgetting(
+        data.load_forgetting_jsonl(path, token_weight_source="scoring_model"), tok, max_length=32, max_prompt_length=8
+    )
     assert "token_weights" not in data.ForgettingCollator(pad_token_id=PAD)(feats)
 
 
@@ -173,7 +204,9 @@ def test_correction_format_identity_warmup_and_sft(tmp_path, tok):
 
     warm = data.identity_warmup_examples(examples, fraction=0.2, seed=3)
     assert len(warm) == 2 and all(w.correction == w.answer for w in warm)
-    assert [w.question for w in warm] == [w.question for w in data.identity_warmup_examples(examples, fraction=0.2, seed=3)]
+    assert [w.question for w in warm] == [
+        w.question for w in data.identity_warmup_examples(examples, fraction=0.2, seed=3)
+    ]
     assert data.identity_warmup_examples(examples, fraction=0.0, seed=3) == []
 
     bad = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [{"question": "q", "answer": 1, "correction": "c"}])
@@ -183,7 +216,9 @@ def test_correction_format_identity_warmup_and_sft(tmp_path, tok):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "P", "completion": "done", "chosen": "alt"}])
     (s,) = data.tokenize_sft(data.load_sft_jsonl(sft), tok, max_length=32, max_prompt_length=8)
     assert s["labels"] == [-100, -100] + ids(tok, "done") + [EOS]
-    (s2,) = data.tokenize_sft(data.load_sft_jsonl(sft, completion_field="chosen"), tok, max_length=32, max_prompt_length=8)
+    (s2,) = data.tokenize_sft(
+        data.load_sft_jsonl(sft, completion_field="chosen"), tok, max_length=32, max_prompt_length=8
+    )
     assert s2["input_ids"] == [BOS] + ids(tok, "Palt") + [EOS]
     batch = data.SFTCollator(pad_token_id=PAD)([s, s2])
     assert batch["labels"][1].tolist() == [-100, -100] + ids(tok, "alt") + [EOS, -100]
@@ -213,5 +248,7 @@ def test_resumable_sampler_resumes_mid_epoch_and_shards():
     assert list(s) == s.epoch_indices(1) != s.epoch_indices(0)  # a new order each epoch
     shards = [data.ResumableSampler(7, seed=0, rank=r, world_size=2).epoch_indices(0) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 4 and set(shards[0]) | set(shards[1]) == set(range(7))
-    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=3, sampler=data.ResumableSampler(10, shuffle=False))
+    loader = torch.utils.data.DataLoader(
+        list(range(10)), batch_size=3, sampler=data.ResumableSampler(10, shuffle=False)
+    )
     assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]

@@ -76,11 +76,27 @@ def launch(config: Path, *args: str, world_size: int = 2, env_extra: dict | None
     port = str(free_port())
     procs = []
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu",
-               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "allo_train.cli", "pipeline", "--config", str(config),
-                                       *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            **(env_extra or {}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "allo_train.cli", "pipeline", "--config", str(config), *args],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -165,8 +181,14 @@ def test_killed_and_resumed_run_matches_uninterrupted(assets, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "allo_train.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "allo_train.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
 
 
 def test_cli_bad_config_key_is_named(assets, tmp_path):
@@ -190,13 +212,20 @@ def test_cli_malformed_jsonl_names_file_and_line(assets, tmp_path):
 
 def test_forget_with_scoring_model_weights_single_rank(assets, tmp_path):
     plain = tmp_path / "forget_plain.jsonl"
-    plain.write_text("".join(
-        json.dumps({"prompt": json.loads(line)["prompt"], "rejected": json.loads(line)["rejected"]}) + "\n"
-        for line in (assets / "forget.jsonl").read_text().splitlines()))
+    plain.write_text(
+        "".join(
+            json.dumps({"prompt": json.loads(line)["prompt"], "rejected": json.loads(line)["rejected"]}) + "\n"
+            for line in (assets / "forget.jsonl").read_text().splitlines()
+        )
+    )
     out = tmp_path / "scored"
-    cfg = write_config(assets, out, {"stage": 0}, pipeline={"stages": ["warmup", "locate", "forget"]},
-                       forget={"data_path": str(plain), "token_weight_source": "scoring_model",
-                               "scoring_model": str(assets / "base")})
+    cfg = write_config(
+        assets,
+        out,
+        {"stage": 0},
+        pipeline={"stages": ["warmup", "locate", "forget"]},
+        forget={"data_path": str(plain), "token_weight_source": "scoring_model", "scoring_model": str(assets / "base")},
+    )
     codes, logs = launch(cfg, world_size=1)
     assert codes == [0], logs[0][-4000:]
     rows = [json.loads(line) for line in (out / "forget" / "metrics.jsonl").read_text().splitlines()]

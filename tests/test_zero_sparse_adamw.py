@@ -33,12 +33,29 @@ def _launch(out: Path, world: int, *args: str) -> list[dict]:
     port = _free_port()
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+        )
         env.pop("TRITON_INTERPRET", None)
-        log = open(out / f"log{rank}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), *args], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115  (closed after the worker exits)
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), "--out", str(out), *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     try:
         for p, _ in procs:
             p.wait(timeout=TIMEOUT_S)
@@ -66,9 +83,9 @@ def test_zero_matches_masked_reference(two_rank_results, config):
         r = res[config]
         assert max(r["ref_grad_norms"]) > 0.05  # clipping is active in every step of the reference
         assert r["unselected_bit_identical"], (rank, r)
-        assert r["max_abs_err"] < 1e-6, (rank, r)          # selected entries follow the masked, clipped reference
-        assert r["resume_bit_identical"], (rank, r)        # checkpoint at step 2 + resume == uninterrupted run
-        assert r["export_state_err"] < 1e-7, (rank, r)     # merged compact state == reference Adam state
+        assert r["max_abs_err"] < 1e-6, (rank, r)  # selected entries follow the masked, clipped reference
+        assert r["resume_bit_identical"], (rank, r)  # checkpoint at step 2 + resume == uninterrupted run
+        assert r["export_state_err"] < 1e-7, (rank, r)  # merged compact state == reference Adam state
         assert set(r["export_steps"]) == {4.0}
         # selected entries of the masked params: 0.weight rows, 2.weight rows holding a selected element, 4.weight rows
         assert r["export_masked_elems"] == results[0]["0"]["export_masked_elems"]

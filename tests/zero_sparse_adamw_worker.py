@@ -12,7 +12,6 @@ export written by a 2-rank job and checks it against the reference state.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -21,10 +20,10 @@ import tempfile
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from allo_kernels.optim import SparseAdamW, zero_param_groups  # noqa: E402
+from allo_kernels.optim import SparseAdamW, zero_param_groups
 
 CLIP = 0.05
 LR = 1e-2
@@ -35,14 +34,15 @@ MICRO = 4
 
 def make_model_and_masks():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+    )
     g = torch.Generator().manual_seed(1)
     masks_by_name = {
-        "0.weight": torch.rand(16, generator=g) < 0.4,            # rows
-        "2.weight": torch.rand(16, 16, generator=g) < 0.15,       # elements
-        "4.weight": torch.tensor([True, False, True, False]),    # rows
-        "2.bias": torch.zeros(16, dtype=torch.bool),              # all-false: dropped by zero_param_groups
+        "0.weight": torch.rand(16, generator=g) < 0.4,  # rows
+        "2.weight": torch.rand(16, 16, generator=g) < 0.15,  # elements
+        "4.weight": torch.tensor([True, False, True, False]),  # rows
+        "2.bias": torch.zeros(16, dtype=torch.bool),  # all-false: dropped by zero_param_groups
     }
     return model, masks_by_name
 
@@ -60,8 +60,11 @@ def build_groups(model, masks_by_name):
     no_decay = [params[n] for n in ("0.bias", "4.bias")]
     frozen_group = [params["2.bias"]]
     masks = {params[n]: m for n, m in masks_by_name.items()}
-    groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0},
-              {"params": frozen_group, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": WD},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": frozen_group, "weight_decay": 0.0},
+    ]
     return zero_param_groups(groups, masks)
 
 
@@ -74,8 +77,13 @@ def reference(world):
     trace, norms = [], []
     for step in range(STEPS):
         x, y = data(step, world)
-        loss = sum(torch.nn.functional.mse_loss(model(x[r * MICRO:(r + 1) * MICRO]), y[r * MICRO:(r + 1) * MICRO])
-                   for r in range(world)) / world
+        loss = (
+            sum(
+                torch.nn.functional.mse_loss(model(x[r * MICRO : (r + 1) * MICRO]), y[r * MICRO : (r + 1) * MICRO])
+                for r in range(world)
+            )
+            / world
+        )
         opt.zero_grad()
         loss.backward()
         for p, m in masks.items():
@@ -105,7 +113,7 @@ def ds_config(stage, offload):
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
     }
 
 
@@ -133,7 +141,7 @@ def full_params(engine, stage):
 def train(engine, steps, world, rank):
     for step in steps:
         x, y = data(step, world)
-        xs, ys = x[rank * MICRO:(rank + 1) * MICRO], y[rank * MICRO:(rank + 1) * MICRO]
+        xs, ys = x[rank * MICRO : (rank + 1) * MICRO], y[rank * MICRO : (rank + 1) * MICRO]
         loss = torch.nn.functional.mse_loss(engine(xs), ys)
         engine.backward(loss)
         engine.step()
@@ -161,8 +169,9 @@ def run_config(stage, offload, backend, ref, world, rank, ckpt_root):
     res["max_abs_err"] = err
     res["unselected_bit_identical"] = unselected_ok
     # compact state: the rows this rank holds, and all ranks together
-    res["state_elems_local"] = sum(int(opt.state[f]["exp_avg"].numel()) for f in opt._binding.flat_params
-                                   if "exp_avg" in opt.state.get(f, {}))
+    res["state_elems_local"] = sum(
+        int(opt.state[f]["exp_avg"].numel()) for f in opt._binding.flat_params if "exp_avg" in opt.state.get(f, {})
+    )
     exported = opt.export_state()
     st_err = 0.0
     selected_total = 0
@@ -178,7 +187,7 @@ def run_config(stage, offload, backend, ref, world, rank, ckpt_root):
     if rank == 0 and stage == 2 and not offload:
         torch.save(exported, os.path.join(ckpt_root, "export_s2.pt"))
     # resume in a fresh engine from the step-2 checkpoint
-    engine2, opt2 = make_engine(stage, offload, backend)
+    engine2, _opt2 = make_engine(stage, offload, backend)
     engine2.load_checkpoint(ckpt, tag="t2")
     train(engine2, range(2, STEPS), world, rank)
     got2 = full_params(engine2, stage)
@@ -203,7 +212,7 @@ def main():
     results = {}
     if args.import_from:  # world-size change: import an export made by the 2-rank job
         _, _, ref_state, _, _ = reference(2)
-        engine, opt = make_engine(2, False, args.backend)
+        _engine, opt = make_engine(2, False, args.backend)
         opt.import_state(torch.load(args.import_from))
         exported = opt.export_state()
         err = 0.0
@@ -214,7 +223,7 @@ def main():
     else:
         ref = reference(world)
         root = args.out if rank == 0 else None
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory():
             ckpt_root = os.path.join(args.out, "ckpt")
             for cfg in args.configs.split(","):
                 stage, offload = int(cfg[0]), cfg.endswith("o")

@@ -173,9 +173,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                     z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
                 )
             else:
-                logp[start:stop], lse[start:stop] = _chunk_forward_torch(
-                    z, lab, opts.ignore_index, opts.temperature
-                )
+                logp[start:stop], lse[start:stop] = _chunk_forward_torch(z, lab, opts.ignore_index, opts.temperature)
             del z
         ctx.save_for_backward(hidden, labels, lse)
         # weight/bias are kept as objects, not saved tensors: under ZeRO-3 their storage is released after the
@@ -203,9 +201,15 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             lab, g = labels[start:stop], grad_logp[start:stop]
             if opts.use_triton:
                 dz = logprobs_backward(
-                    z, row_layout(z), lab, lse[start:stop], g,
-                    ignore_index=opts.ignore_index, temperature=opts.temperature, inplace=True,
-                )  # fmt: skip
+                    z,
+                    row_layout(z),
+                    lab,
+                    lse[start:stop],
+                    g,
+                    ignore_index=opts.ignore_index,
+                    temperature=opts.temperature,
+                    inplace=True,
+                )
             else:
                 dz = _chunk_backward_torch(z, lab, lse[start:stop], g, opts.ignore_index, opts.temperature)
             if grad_h is not None:
@@ -231,7 +235,9 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
         bias = check_tensor("bias", bias, dtypes=FLOAT_DTYPES)
     check_same_device(hidden=hidden, weight=weight, bias=bias)
     # A ZeRO-3 partition holds an empty local shard; its real shape is ds_shape.
-    full_shape = tuple(getattr(weight, "ds_shape", weight.shape)) if _is_zero3_partitioned(weight) else tuple(weight.shape)
+    full_shape = (
+        tuple(getattr(weight, "ds_shape", weight.shape)) if _is_zero3_partitioned(weight) else tuple(weight.shape)
+    )
     if len(full_shape) != 2:
         raise ValueError(f"weight must have 2 dimensions [V, H], got {describe(weight)}")
     vocab, width = full_shape
@@ -240,7 +246,9 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
             f"hidden's last dimension must equal weight's second dimension {width} (weight is [V, H]), "
             f"got {describe(hidden)}"
         )
-    bias_shape = tuple(getattr(bias, "ds_shape", ())) if _is_zero3_partitioned(bias) else tuple(getattr(bias, "shape", ()))
+    bias_shape = (
+        tuple(getattr(bias, "ds_shape", ())) if _is_zero3_partitioned(bias) else tuple(getattr(bias, "shape", ()))
+    )
     if bias is not None and bias_shape != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},) (one entry per vocabulary row), got {describe(bias)}")
     if hidden.dtype != weight.dtype:
@@ -324,6 +332,14 @@ def fused_linear_token_scores(
     )
     logprobs, use_triton = _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, vocab)
     return scores_from_logprobs(
-        logprobs, labels, ref, w, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by,
-        mask_scope=mask_scope, ignore_index=ignore_index, use_triton=use_triton,
-    )  # fmt: skip
+        logprobs,
+        labels,
+        ref,
+        w,
+        beta=beta,
+        mask_fraction=mask_fraction,
+        mask_by=mask_by,
+        mask_scope=mask_scope,
+        ignore_index=ignore_index,
+        use_triton=use_triton,
+    )

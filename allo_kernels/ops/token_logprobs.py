@@ -190,11 +190,19 @@ def logprobs_forward(
         return logp, lse
     block, num_warps = _launch_config(vocab)
     _token_logprobs_fwd_kernel[(n,)](
-        logits, labels, logp, lse,
-        layout.n_inner, layout.stride_outer, layout.stride_inner,
-        vocab, 1.0 / temperature, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
-    )  # fmt: skip
+        logits,
+        labels,
+        logp,
+        lse,
+        layout.n_inner,
+        layout.stride_outer,
+        layout.stride_inner,
+        vocab,
+        1.0 / temperature,
+        ignore_index,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
     return logp, lse
 
 
@@ -221,12 +229,23 @@ def logprobs_backward(
     block, num_warps = _launch_config(vocab)
     grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     _token_logprobs_bwd_kernel[(n,)](
-        logits, grad, labels, lse, grad_logp,
-        layout.n_inner, layout.stride_outer, layout.stride_inner,
-        g_layout.n_inner, g_layout.stride_outer, g_layout.stride_inner,
-        vocab, 1.0 / temperature, ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
-    )  # fmt: skip
+        logits,
+        grad,
+        labels,
+        lse,
+        grad_logp,
+        layout.n_inner,
+        layout.stride_outer,
+        layout.stride_inner,
+        g_layout.n_inner,
+        g_layout.stride_outer,
+        g_layout.stride_inner,
+        vocab,
+        1.0 / temperature,
+        ignore_index,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
     return grad
 
 
@@ -255,9 +274,15 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         opts: _Options = ctx.opts
         grad = logprobs_backward(
-            logits, opts.layout, labels, lse, grad_logp,
-            ignore_index=opts.ignore_index, temperature=opts.temperature, inplace=opts.inplace_backward,
-        )  # fmt: skip
+            logits,
+            opts.layout,
+            labels,
+            lse,
+            grad_logp,
+            ignore_index=opts.ignore_index,
+            temperature=opts.temperature,
+            inplace=opts.inplace_backward,
+        )
         return grad, None, None
 
 

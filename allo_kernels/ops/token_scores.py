@@ -133,9 +133,15 @@ if triton is not None:
 
 
 def _select_triton(
-    logp: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
-    *, beta: float, ignore_index: int, highest: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    beta: float,
+    ignore_index: int,
+    highest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logp/ref/labels contiguous [S, L], k [S] int64. Returns (rewards fp32 [S, L], masked bool [S, L])."""
     S, L = logp.shape
     rewards = torch.empty_like(logp)
@@ -145,16 +151,33 @@ def _select_triton(
     block_i = min(64, triton.next_power_of_2(L))
     block_j = min(128, triton.next_power_of_2(L))
     _select_kernel[(S, triton.cdiv(L, block_i))](
-        logp, ref, labels, k, rewards, masked, L, beta, ignore_index,
-        HIGHEST=highest, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
-    )  # fmt: skip
+        logp,
+        ref,
+        labels,
+        k,
+        rewards,
+        masked,
+        L,
+        beta,
+        ignore_index,
+        HIGHEST=highest,
+        BLOCK_I=block_i,
+        BLOCK_J=block_j,
+        num_warps=4,
+    )
     return rewards, masked.view(torch.bool)
 
 
 def _select_reference(
-    logp: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor, k: torch.Tensor,
-    *, beta: float, ignore_index: int, highest: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    logp: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    beta: float,
+    ignore_index: int,
+    highest: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as _select_triton, with a stable sort (equal keys keep their order: earlier position first)."""
     valid = labels != ignore_index
     rewards = torch.where(valid, beta * (logp - ref), torch.zeros_like(logp))
@@ -169,9 +192,15 @@ def _select_reference(
 
 # ------------------------------------------------------------------------------------------------------- the epilogue
 def validate_score_options(
-    labels: torch.Tensor, ref_logprobs: object, weights: object, *,
-    beta: object, mask_fraction: object, mask_by: object, mask_scope: object,
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:  # fmt: skip
+    labels: torch.Tensor,
+    ref_logprobs: object,
+    weights: object,
+    *,
+    beta: object,
+    mask_fraction: object,
+    mask_by: object,
+    mask_scope: object,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Check the token_scores options; return fp32 (ref, weights) tensors (zeros / ones when None)."""
     beta = check_positive("beta", beta)
     if isinstance(mask_fraction, bool) or not isinstance(mask_fraction, (int, float)):
@@ -225,10 +254,14 @@ def scores_from_logprobs(
     k = torch.floor(mask_fraction * n_valid.to(torch.float64)).to(torch.int64)  # on device, no sync
     select = _select_triton if use_triton else _select_reference
     rewards, masked = select(
-        logp_const.reshape(shape).contiguous(), ref.reshape(shape).contiguous(),
-        labels.reshape(shape).contiguous(), k,
-        beta=beta, ignore_index=ignore_index, highest=(mask_by == "highest"),
-    )  # fmt: skip
+        logp_const.reshape(shape).contiguous(),
+        ref.reshape(shape).contiguous(),
+        labels.reshape(shape).contiguous(),
+        k,
+        beta=beta,
+        ignore_index=ignore_index,
+        highest=(mask_by == "highest"),
+    )
     rewards, masked = rewards.view(B, T), masked.view(B, T)
     keep = valid & ~masked
     coef = torch.where(keep, weights, torch.zeros_like(weights))
@@ -291,6 +324,14 @@ def token_scores(
     else:
         logprobs = token_logprobs_reference(logits, labels, ignore_index=ignore_index, temperature=temperature)
     return scores_from_logprobs(
-        logprobs, labels, ref, w, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by,
-        mask_scope=mask_scope, ignore_index=ignore_index, use_triton=use_triton,
-    )  # fmt: skip
+        logprobs,
+        labels,
+        ref,
+        w,
+        beta=beta,
+        mask_fraction=mask_fraction,
+        mask_by=mask_by,
+        mask_scope=mask_scope,
+        ignore_index=ignore_index,
+        use_triton=use_triton,
+    )

@@ -19,14 +19,14 @@ import torch
 
 @dataclass
 class Layout:
-    numel: int                      # elements of the flattened parameter
-    seg_param: torch.Tensor         # int64 [S], on the parameter's device
-    seg_state: torch.Tensor         # int64 [S]
-    seg_len: torch.Tensor           # int64 [S]
-    n_compact: int                  # sum(seg_len): elements of each state tensor
-    state_shape: tuple[int, ...]    # shape of exp_avg & co ((k, C) for row layouts, p.shape when dense, (n,) else)
+    numel: int  # elements of the flattened parameter
+    seg_param: torch.Tensor  # int64 [S], on the parameter's device
+    seg_state: torch.Tensor  # int64 [S]
+    seg_len: torch.Tensor  # int64 [S]
+    n_compact: int  # sum(seg_len): elements of each state tensor
+    state_shape: tuple[int, ...]  # shape of exp_avg & co ((k, C) for row layouts, p.shape when dense, (n,) else)
     elem_mask: torch.Tensor | None = None  # bool [n_compact] or None (all compact elements are updated)
-    dense: bool = False             # one segment covering the whole parameter, no element mask
+    dense: bool = False  # one segment covering the whole parameter, no element mask
     _cpu_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -54,13 +54,15 @@ class Layout:
         starts = torch.repeat_interleave(self.seg_param - self.seg_state, self.seg_len, output_size=self.n_compact)
         return starts + torch.arange(self.n_compact, device=self.device)
 
-    def same_as(self, other: "Layout") -> bool:
+    def same_as(self, other: Layout) -> bool:
         if self.numel != other.numel or self.n_compact != other.n_compact:
             return False
         if self.seg_param.numel() != other.seg_param.numel():
             return False
         dev = self.device
-        if not (torch.equal(self.seg_param, other.seg_param.to(dev)) and torch.equal(self.seg_len, other.seg_len.to(dev))):
+        if not (
+            torch.equal(self.seg_param, other.seg_param.to(dev)) and torch.equal(self.seg_len, other.seg_len.to(dev))
+        ):
             return False
         if (self.elem_mask is None) != (other.elem_mask is None):
             return False
@@ -77,14 +79,25 @@ class Layout:
         }
 
     @staticmethod
-    def from_dict(d: dict, device: torch.device) -> "Layout":
-        return make_layout(d["numel"], d["seg_param"].to(device), d["seg_len"].to(device),
-                           elem_mask=None if d["elem_mask"] is None else d["elem_mask"].to(device),
-                           state_shape=tuple(d["state_shape"]))
+    def from_dict(d: dict, device: torch.device) -> Layout:
+        return make_layout(
+            d["numel"],
+            d["seg_param"].to(device),
+            d["seg_len"].to(device),
+            elem_mask=None if d["elem_mask"] is None else d["elem_mask"].to(device),
+            state_shape=tuple(d["state_shape"]),
+        )
 
 
-def make_layout(numel: int, seg_param: torch.Tensor, seg_len: torch.Tensor, *, elem_mask: torch.Tensor | None = None,
-                state_shape: tuple[int, ...] | None = None, param_shape: tuple[int, ...] | None = None) -> Layout:
+def make_layout(
+    numel: int,
+    seg_param: torch.Tensor,
+    seg_len: torch.Tensor,
+    *,
+    elem_mask: torch.Tensor | None = None,
+    state_shape: tuple[int, ...] | None = None,
+    param_shape: tuple[int, ...] | None = None,
+) -> Layout:
     seg_param = seg_param.to(torch.int64).contiguous()
     seg_len = seg_len.to(torch.int64).contiguous()
     keep = seg_len > 0
@@ -101,8 +114,16 @@ def make_layout(numel: int, seg_param: torch.Tensor, seg_len: torch.Tensor, *, e
     dense = elem_mask is None and seg_len.numel() == 1 and int(seg_param[0]) == 0 and n == numel
     if state_shape is None:
         state_shape = tuple(param_shape) if (dense and param_shape is not None) else (n,)
-    return Layout(numel=numel, seg_param=seg_param, seg_state=seg_state, seg_len=seg_len, n_compact=n,
-                  state_shape=tuple(state_shape), elem_mask=elem_mask, dense=dense)
+    return Layout(
+        numel=numel,
+        seg_param=seg_param,
+        seg_state=seg_state,
+        seg_len=seg_len,
+        n_compact=n,
+        state_shape=tuple(state_shape),
+        elem_mask=elem_mask,
+        dense=dense,
+    )
 
 
 def runs_of(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +142,12 @@ def runs_of(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dense_layout(p: torch.Tensor) -> Layout:
     n = p.numel()
     dev = p.device
-    return make_layout(n, torch.zeros(1, dtype=torch.int64, device=dev), torch.full((1,), n, dtype=torch.int64, device=dev),
-                       param_shape=tuple(p.shape))
+    return make_layout(
+        n,
+        torch.zeros(1, dtype=torch.int64, device=dev),
+        torch.full((1,), n, dtype=torch.int64, device=dev),
+        param_shape=tuple(p.shape),
+    )
 
 
 def mask_layout(p: torch.Tensor, mask: torch.Tensor) -> Layout:
@@ -139,12 +164,14 @@ def mask_layout(p: torch.Tensor, mask: torch.Tensor) -> Layout:
     rows = torch.nonzero(row_sel).flatten()
     starts, lens = runs_of(row_sel)
     elem_mask = None if elem is None else elem.index_select(0, rows).reshape(-1)
-    return make_layout(n, starts * row_size, lens * row_size, elem_mask=elem_mask,
-                       state_shape=(int(rows.numel()), row_size))
+    return make_layout(
+        n, starts * row_size, lens * row_size, elem_mask=elem_mask, state_shape=(int(rows.numel()), row_size)
+    )
 
 
-def migrate_tensor(old: torch.Tensor, old_layout: Layout, new_layout: Layout, *, fill: torch.Tensor | float = 0.0
-                   ) -> torch.Tensor:
+def migrate_tensor(
+    old: torch.Tensor, old_layout: Layout, new_layout: Layout, *, fill: torch.Tensor | float = 0.0
+) -> torch.Tensor:
     """Carry compact state from one layout to another: elements kept in both keep their values, new ones get ``fill``
     (a scalar, or a tensor [new n_compact] to take values from)."""
     dev = new_layout.device

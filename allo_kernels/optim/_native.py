@@ -49,9 +49,9 @@ def _load():
         if lib.allo_native_abi_version() != 1:
             raise OSError(f"ABI version {lib.allo_native_abi_version()} != 1 (rebuild allo)")
         fn = lib.allo_sparse_adamw_step
-        P, I64, F, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        fn.argtypes = [I, I, P, P, P, P, P, P, P, P, P, P, I64, I64, F, F, F, F, F, F, F, I, I, I]
-        fn.restype = I
+        P, I64, F, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        fn.argtypes = [INT, INT, P, P, P, P, P, P, P, P, P, P, I64, I64, F, F, F, F, F, F, F, INT, INT, INT]
+        fn.restype = INT
         _lib = lib
     except (OSError, AttributeError) as exc:
         _error = f"loading {path} failed: {exc}"
@@ -86,8 +86,16 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def step(param: torch.Tensor, grad: torch.Tensor, layout: Layout, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-         max_exp_avg_sq: torch.Tensor | None, master: torch.Tensor | None, sc: StepScalars) -> bool:
+def step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    layout: Layout,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    master: torch.Tensor | None,
+    sc: StepScalars,
+) -> bool:
     """Run one update on CPU tensors; False when this dtype combination has no native kernel (use the reference)."""
     lib = _load()
     pcode, gcode = _DTYPE_CODE.get(param.dtype), _DTYPE_CODE.get(grad.dtype)
@@ -95,9 +103,29 @@ def step(param: torch.Tensor, grad: torch.Tensor, layout: Layout, exp_avg: torch
         return False
     seg_param, seg_state, seg_len, emask = layout.cpu_tables()
     rc = lib.allo_sparse_adamw_step(
-        pcode, gcode, _ptr(param), _ptr(grad), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(max_exp_avg_sq), _ptr(master),
-        _ptr(emask), _ptr(seg_param), _ptr(seg_state), _ptr(seg_len), int(seg_len.numel()), int(layout.n_compact),
-        sc.decay, 1 - sc.beta1, sc.beta2, 1 - sc.beta2, sc.bias_correction2_sqrt, sc.eps, -sc.step_size,
-        int(sc.weight_decay != 0), int(sc.maximize), torch.get_num_threads(),
+        pcode,
+        gcode,
+        _ptr(param),
+        _ptr(grad),
+        _ptr(exp_avg),
+        _ptr(exp_avg_sq),
+        _ptr(max_exp_avg_sq),
+        _ptr(master),
+        _ptr(emask),
+        _ptr(seg_param),
+        _ptr(seg_state),
+        _ptr(seg_len),
+        int(seg_len.numel()),
+        int(layout.n_compact),
+        sc.decay,
+        1 - sc.beta1,
+        sc.beta2,
+        1 - sc.beta2,
+        sc.bias_correction2_sqrt,
+        sc.eps,
+        -sc.step_size,
+        int(sc.weight_decay != 0),
+        int(sc.maximize),
+        torch.get_num_threads(),
     )
     return rc == 0

@@ -42,15 +42,21 @@ class StepScalars:
 
     @property
     def step_size(self) -> float:
-        return self.lr / (1 - self.beta1 ** self.step)
+        return self.lr / (1 - self.beta1**self.step)
 
     @property
     def bias_correction2_sqrt(self) -> float:
-        return (1 - self.beta2 ** self.step) ** 0.5
+        return (1 - self.beta2**self.step) ** 0.5
 
 
-def _adamw_inplace(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                   max_exp_avg_sq: torch.Tensor | None, sc: StepScalars) -> None:
+def _adamw_inplace(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    sc: StepScalars,
+) -> None:
     if sc.maximize:
         grad = -grad
     if sc.weight_decay != 0:
@@ -65,9 +71,16 @@ def _adamw_inplace(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     param.addcdiv_(exp_avg, denom, value=-sc.step_size)
 
 
-def reference_step(param: torch.Tensor, grad: torch.Tensor, layout: Layout, exp_avg: torch.Tensor,
-                   exp_avg_sq: torch.Tensor, max_exp_avg_sq: torch.Tensor | None, master: torch.Tensor | None,
-                   sc: StepScalars) -> None:
+def reference_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    layout: Layout,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    master: torch.Tensor | None,
+    sc: StepScalars,
+) -> None:
     """Update ``param`` (any shape, contiguous or not for dense layouts) in place on the layout's elements."""
     m = exp_avg.view(-1)
     v = exp_avg_sq.view(-1)
@@ -76,16 +89,24 @@ def reference_step(param: torch.Tensor, grad: torch.Tensor, layout: Layout, exp_
     if layout.dense:
         g = grad if grad.dtype == torch.float32 else grad.float()
         if mw is not None:
-            _adamw_inplace(mw.view(param.shape), g, m.view(param.shape), v.view(param.shape),
-                           None if vmax is None else vmax.view(param.shape), sc)
+            _adamw_inplace(
+                mw.view(param.shape),
+                g,
+                m.view(param.shape),
+                v.view(param.shape),
+                None if vmax is None else vmax.view(param.shape),
+                sc,
+            )
             param.copy_(mw.view(param.shape))
         elif param.dtype == torch.float32:
-            _adamw_inplace(param, g, m.view(param.shape), v.view(param.shape),
-                           None if vmax is None else vmax.view(param.shape), sc)
+            _adamw_inplace(
+                param, g, m.view(param.shape), v.view(param.shape), None if vmax is None else vmax.view(param.shape), sc
+            )
         else:
             work = param.float()
-            _adamw_inplace(work, g, m.view(param.shape), v.view(param.shape),
-                           None if vmax is None else vmax.view(param.shape), sc)
+            _adamw_inplace(
+                work, g, m.view(param.shape), v.view(param.shape), None if vmax is None else vmax.view(param.shape), sc
+            )
             param.copy_(work)
         return
     if layout.n_compact == 0:

@@ -35,9 +35,20 @@ if triton is not None:
 
     @triton.jit
     def _sparse_adamw_kernel(
-        blocks_ptr, toff_ptr, tsc_ptr,
-        p_base, g_base, m_base, v_base, vmax_base, master_base, emask_base,
-        HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, HAS_EMASK: tl.constexpr, BLOCK: tl.constexpr,
+        blocks_ptr,
+        toff_ptr,
+        tsc_ptr,
+        p_base,
+        g_base,
+        m_base,
+        v_base,
+        vmax_base,
+        master_base,
+        emask_base,
+        HAS_MASTER: tl.constexpr,
+        AMSGRAD: tl.constexpr,
+        HAS_EMASK: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         t = tl.load(blocks_ptr + b * 4)
@@ -108,8 +119,13 @@ def _block_table(layout: Layout, block: int) -> torch.Tensor:
         first = torch.cumsum(n_blk, 0) - n_blk
         within = (torch.arange(total, device=lens.device) - first[seg_of]) * block
         cache[key] = torch.stack(
-            [layout.seg_param[seg_of] + within, layout.seg_state[seg_of] + within,
-             torch.clamp(lens[seg_of] - within, max=block)], dim=1).contiguous()
+            [
+                layout.seg_param[seg_of] + within,
+                layout.seg_state[seg_of] + within,
+                torch.clamp(lens[seg_of] - within, max=block),
+            ],
+            dim=1,
+        ).contiguous()
     return cache[key]
 
 
@@ -134,10 +150,29 @@ def triton_step(work: list) -> None:
         bases = [base[0], base[1], base[3], base[4], base[5], base[6], base[2].elem_mask]
         toff, tsc, tables = [], [], []
         for ti, (p, g, layout, m, v, vmax, master, sc) in enumerate(items):
-            toff.append([_offset(p, bases[0]), _offset(g, bases[1]), _offset(m, bases[2]), _offset(v, bases[3]),
-                         _offset(vmax, bases[4]), _offset(master, bases[5]), _offset(layout.elem_mask, bases[6])])
-            tsc.append([sc.decay, 1 - sc.beta1, sc.beta2, 1 - sc.beta2, sc.bias_correction2_sqrt, sc.eps,
-                        -sc.step_size, -1.0 if sc.maximize else 1.0])
+            toff.append(
+                [
+                    _offset(p, bases[0]),
+                    _offset(g, bases[1]),
+                    _offset(m, bases[2]),
+                    _offset(v, bases[3]),
+                    _offset(vmax, bases[4]),
+                    _offset(master, bases[5]),
+                    _offset(layout.elem_mask, bases[6]),
+                ]
+            )
+            tsc.append(
+                [
+                    sc.decay,
+                    1 - sc.beta1,
+                    sc.beta2,
+                    1 - sc.beta2,
+                    sc.bias_correction2_sqrt,
+                    sc.eps,
+                    -sc.step_size,
+                    -1.0 if sc.maximize else 1.0,
+                ]
+            )
             blk = _block_table(layout, BLOCK)
             tables.append(torch.cat([torch.full((blk.shape[0], 1), ti, dtype=torch.int64, device=device), blk], 1))
         blocks = torch.cat(tables, 0).contiguous()
@@ -150,11 +185,19 @@ def triton_step(work: list) -> None:
         dummy = bases[2]
         emask_base = bases[6].view(torch.uint8) if bases[6] is not None else dummy
         _sparse_adamw_kernel[(n_blocks,)](
-            blocks, toff_t, tsc_t,
-            bases[0], bases[1], bases[2], bases[3],
+            blocks,
+            toff_t,
+            tsc_t,
+            bases[0],
+            bases[1],
+            bases[2],
+            bases[3],
             bases[4] if bases[4] is not None else dummy,
             bases[5] if bases[5] is not None else dummy,
             emask_base,
-            HAS_MASTER=has_master, AMSGRAD=amsgrad, HAS_EMASK=has_emask, BLOCK=BLOCK,
+            HAS_MASTER=has_master,
+            AMSGRAD=amsgrad,
+            HAS_EMASK=has_emask,
+            BLOCK=BLOCK,
             num_warps=4,
         )

@@ -19,7 +19,8 @@ Each flat partition gets a compact layout: its selected row segments (clipped at
 of unmasked params. Alignment padding belongs to no param and is never touched.
 * Grad hooks ``masked_fill`` the grads of unselected rows/elements with 0 (not multiply: inf * 0 is NaN), so
   DeepSpeed's gradient clipping and overflow checks see exactly the masked reference's gradients.
-* Offload: set ``"zero_force_ds_cpu_optimizer": false``; the partitions and grads live on CPU and the native kernel runs.
+* Offload: set ``"zero_force_ds_cpu_optimizer": false``; the partitions and grads live on CPU and the native kernel
+  runs.
 * Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` at the same world size round-trip the compact state
   through ``state_dict``. ``export_state()`` / ``import_state()`` move it by parameter name across world sizes.
   ``elastic_checkpoint`` must stay off (DeepSpeed would slice our compact tensors as if they were flat partitions).
@@ -82,18 +83,18 @@ def zero_param_groups(params, masks: dict | None = None) -> tuple[list[dict], di
 # ---------------------------------------------------------------------------------------------------------- bind
 @dataclass
 class Piece:
-    name: str           # parameter name in engine.module
-    param_start: int    # first element of the (full, flattened) parameter covered
+    name: str  # parameter name in engine.module
+    param_start: int  # first element of the (full, flattened) parameter covered
     length: int
 
 
 @dataclass
 class Binding:
     stage: int
-    flat_params: list = field(default_factory=list)          # the tensors the inner optimizer steps
-    pieces: dict = field(default_factory=dict)                # flat param -> [Piece per layout segment]
+    flat_params: list = field(default_factory=list)  # the tensors the inner optimizer steps
+    pieces: dict = field(default_factory=dict)  # flat param -> [Piece per layout segment]
     hooks: list = field(default_factory=list)
-    shapes: dict = field(default_factory=dict)                # name -> full shape
+    shapes: dict = field(default_factory=dict)  # name -> full shape
     dp_group: object = None
 
 
@@ -130,7 +131,7 @@ def _segments(mask: torch.Tensor | None, shape: tuple, numel: int, lo: int, hi: 
 def _build(opt, flat: torch.Tensor, entries: list, binding: Binding) -> None:
     """entries: (name, param, mask, lo, hi, flat_base): param elements [lo, hi) sit at flat_base + x."""
     seg_p, seg_l, emask, pieces, any_elem = [], [], [], [], False
-    for name, p, mask, shape, numel, lo, hi, base in entries:
+    for name, _p, mask, shape, numel, lo, hi, base in entries:
         a, ln, vals = _segments(mask, shape, numel, lo, hi)
         for s, n in zip(a.tolist(), ln.tolist()):
             pieces.append(Piece(name, s, n))
@@ -163,7 +164,7 @@ def _hook(mask: torch.Tensor, shape: tuple):
 
 
 def bind_engine(opt, engine) -> Binding:
-    import deepspeed.comm as dist  # noqa: F401  (lazy: allo_kernels never needs deepspeed otherwise)
+    import deepspeed.comm as dist
 
     stage = int(engine.zero_optimization_stage())
     names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -184,26 +185,31 @@ def bind_engine(opt, engine) -> Binding:
         if inner is not opt and zero is not opt:
             raise NotImplementedError(
                 f"SparseAdamW.bind: stage 0 with the {type(zero).__name__} wrapper (bf16/fp16 without ZeRO) is not "
-                "supported; use ZeRO stage >= 1 for half-precision models")
+                "supported; use ZeRO stage >= 1 for half-precision models"
+            )
         if any(id(p) not in names for p in opt._all_params()):
             raise NotImplementedError("SparseAdamW.bind: stage 0 optimizer steps tensors that are not model params")
         for p in opt._all_params():  # the model params are the stepped tensors: record pieces for export/import
             layout = opt._layout(p)
             binding.flat_params.append(p)
-            binding.pieces[p] = [Piece(names[id(p)], s, n) for s, n in
-                                 zip(layout.seg_param.tolist(), layout.seg_len.tolist())]
+            binding.pieces[p] = [
+                Piece(names[id(p)], s, n) for s, n in zip(layout.seg_param.tolist(), layout.seg_len.tolist())
+            ]
         return binding
     if getattr(zero, "optimizer", None) is not opt:
-        raise ValueError("SparseAdamW.bind: engine.optimizer does not wrap this optimizer "
-                         "(pass optimizer=opt to deepspeed.initialize)")
+        raise ValueError(
+            "SparseAdamW.bind: engine.optimizer does not wrap this optimizer "
+            "(pass optimizer=opt to deepspeed.initialize)"
+        )
     if getattr(zero, "elastic_checkpoint", False):
         raise ValueError("SparseAdamW under ZeRO needs zero_optimization.elastic_checkpoint = false")
-    import deepspeed.comm as dist
 
     for p in masks:
         if p.requires_grad is False:
-            raise ValueError(f"a mask belongs to a frozen param (ZeRO leaves it out of its partitions): {describe(p)}; "
-                             "build groups with zero_param_groups()")
+            raise ValueError(
+                f"a mask belongs to a frozen param (ZeRO leaves it out of its partitions): {describe(p)}; "
+                "build groups with zero_param_groups()"
+            )
     if stage in (1, 2):
         for i, flat in enumerate(zero.single_partition_of_fp32_groups):
             rank = dist.get_rank(group=zero.real_dp_process_group[i])
@@ -212,8 +218,9 @@ def bind_engine(opt, engine) -> Binding:
             entries = []
             for p, off in zip(zero.round_robin_bit16_groups[i], zero.round_robin_bit16_offsets[i]):
                 off = int(off)
-                entries.append((names[id(p)], p, masks.get(p), tuple(p.shape), p.numel(), lo - off, lo + ps - off,
-                                off - lo))
+                entries.append(
+                    (names[id(p)], p, masks.get(p), tuple(p.shape), p.numel(), lo - off, lo + ps - off, off - lo)
+                )
             _build(opt, flat, entries, binding)
         binding.dp_group = zero.real_dp_process_group[0] if zero.real_dp_process_group else None
     elif stage == 3:
@@ -223,8 +230,18 @@ def bind_engine(opt, engine) -> Binding:
             for p in zero.fp16_groups[i]:
                 _, off, part = zero.grad_position[zero.get_param_id(p)]
                 lo = rank * int(part)
-                entries.append((names[id(p)], p, masks.get(p), tuple(p.ds_shape), int(p.ds_numel), lo,
-                                lo + int(part), int(off) - lo))
+                entries.append(
+                    (
+                        names[id(p)],
+                        p,
+                        masks.get(p),
+                        tuple(p.ds_shape),
+                        int(p.ds_numel),
+                        lo,
+                        lo + int(part),
+                        int(off) - lo,
+                    )
+                )
             _build(opt, flat, entries, binding)
         binding.dp_group = zero.dp_process_group
     else:
@@ -252,10 +269,9 @@ def export_state(opt, *, gather: bool = True) -> dict:
             rec["step"] = max(rec["step"], float(st["step"]) if "step" in st else 0.0)
             for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if k in st:
-                    rec.setdefault(k, []).append(st[k].reshape(-1)[s0:s0 + piece.length].detach().cpu().clone())
-                elif "step" not in st:  # never stepped: zero moments
-                    if k != "max_exp_avg_sq":
-                        rec.setdefault(k, []).append(torch.zeros(piece.length))
+                    rec.setdefault(k, []).append(st[k].reshape(-1)[s0 : s0 + piece.length].detach().cpu().clone())
+                elif "step" not in st and k != "max_exp_avg_sq":  # never stepped: zero moments
+                    rec.setdefault(k, []).append(torch.zeros(piece.length))
     parts = [local]
     if gather and binding.stage != 0:  # without ZeRO every rank holds the whole state already
         import deepspeed.comm as dist
@@ -272,7 +288,7 @@ def export_state(opt, *, gather: bool = True) -> dict:
             for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if k in rec:
                     out.setdefault(k, []).extend(rec[k])
-    for name, rec in merged.items():
+    for rec in merged.values():
         idx = torch.cat(rec["index"]) if rec["index"] else torch.empty(0, dtype=torch.int64)
         order = torch.argsort(idx)
         rec["index"] = idx[order]
@@ -304,7 +320,7 @@ def import_state(opt, exported: dict) -> None:
                 found = rec["index"][at] == want
                 for k in keys:
                     if k in rec:
-                        out[k][pos:pos + piece.length][found] = rec[k][at[found]].float()
+                        out[k][pos : pos + piece.length][found] = rec[k][at[found]].float()
                 step = max(step, float(rec["step"]))
             pos += piece.length
         st = {"step": torch.tensor(step, dtype=torch.float32)}

@@ -78,8 +78,15 @@ class SparseAdamW(torch.optim.Optimizer):
         self._masks: dict[torch.Tensor, torch.Tensor] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
         self._binding = None  # set by bind(engine)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, master_weights=master_weights)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            master_weights=master_weights,
+        )
         super().__init__(params, defaults)
         if masks is not None:
             if not isinstance(masks, dict):
@@ -96,8 +103,10 @@ class SparseAdamW(torch.optim.Optimizer):
         params = self.param_groups[-1]["params"]
         if isinstance(group_mask, torch.Tensor):
             if len(params) != 1:
-                raise ValueError(f"param group key 'mask' is one tensor but the group has {len(params)} params; "
-                                 "give a list with one mask (or None) per param, or a dict {param: mask}")
+                raise ValueError(
+                    f"param group key 'mask' is one tensor but the group has {len(params)} params; "
+                    "give a list with one mask (or None) per param, or a dict {param: mask}"
+                )
             pairs = [(params[0], group_mask)]
         elif isinstance(group_mask, dict):
             pairs = list(group_mask.items())
@@ -106,8 +115,9 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise ValueError(f"param group key 'mask' has {len(group_mask)} entries for {len(params)} params")
             pairs = list(zip(params, group_mask))
         else:
-            raise TypeError(f"param group key 'mask' must be a tensor, a list of tensors or a dict, got "
-                            f"{describe(group_mask)}")
+            raise TypeError(
+                f"param group key 'mask' must be a tensor, a list of tensors or a dict, got {describe(group_mask)}"
+            )
         for p, m in pairs:
             if m is not None:
                 self.set_mask(p, m)
@@ -119,14 +129,22 @@ class SparseAdamW(torch.optim.Optimizer):
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask for param of shape {tuple(p.shape)} must be a bool tensor, got {describe(mask)}")
         if mask.dtype != torch.bool:
-            raise TypeError(f"mask for param of shape {tuple(p.shape)} must have dtype torch.bool, got {describe(mask)}")
+            raise TypeError(
+                f"mask for param of shape {tuple(p.shape)} must have dtype torch.bool, got {describe(mask)}"
+            )
         n_rows = p.shape[0] if p.dim() >= 1 else None
-        if tuple(mask.shape) != tuple(p.shape) and not (mask.dim() == 1 and n_rows is not None and mask.shape[0] == n_rows):
-            raise ValueError(f"mask for param of shape {tuple(p.shape)} must have shape ({n_rows},) (rows) or "
-                             f"{tuple(p.shape)} (elements), got {describe(mask)}")
+        if tuple(mask.shape) != tuple(p.shape) and not (
+            mask.dim() == 1 and n_rows is not None and mask.shape[0] == n_rows
+        ):
+            raise ValueError(
+                f"mask for param of shape {tuple(p.shape)} must have shape ({n_rows},) (rows) or "
+                f"{tuple(p.shape)} (elements), got {describe(mask)}"
+            )
         if mask.device != p.device:
-            raise ValueError(f"mask for param of shape {tuple(p.shape)} is on {mask.device} but the param is on "
-                             f"{p.device}; move the mask to the param's device once, up front")
+            raise ValueError(
+                f"mask for param of shape {tuple(p.shape)} is on {mask.device} but the param is on "
+                f"{p.device}; move the mask to the param's device once, up front"
+            )
         return mask.detach().contiguous()
 
     def set_mask(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -225,6 +243,7 @@ class SparseAdamW(torch.optim.Optimizer):
             backend = select_backend(device, has_native=_native.available())
             if device.type == "cpu" and backend == "torch" and not _native.available():
                 import os
+
                 if os.environ.get("ALLO_KERNELS_BACKEND", "").strip().lower() not in ("torch",):
                     _warn_no_native()
         if backend == "native" and (device.type != "cpu" or not _native.available()):
@@ -246,17 +265,34 @@ class SparseAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("SparseAdamW does not support sparse gradients (torch.sparse); masks select rows")
+                    raise RuntimeError(
+                        "SparseAdamW does not support sparse gradients (torch.sparse); masks select rows"
+                    )
                 layout = self._layout(p)
                 state = self._init_state(p, layout, group)
                 state["step"] += 1
                 if layout.n_compact == 0:
                     continue
-                sc = StepScalars(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                                 weight_decay=float(group["weight_decay"]), step=float(state["step"].item()),
-                                 amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]))
-                args = (p, p.grad, layout, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                        state.get("master"), sc)
+                sc = StepScalars(
+                    lr=float(group["lr"]),
+                    beta1=float(beta1),
+                    beta2=float(beta2),
+                    eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    step=float(state["step"].item()),
+                    amsgrad=bool(group["amsgrad"]),
+                    maximize=bool(group["maximize"]),
+                )
+                args = (
+                    p,
+                    p.grad,
+                    layout,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state.get("max_exp_avg_sq"),
+                    state.get("master"),
+                    sc,
+                )
                 backend = self._backend_for(p.device)
                 if backend == "triton" and p.is_contiguous() and p.grad.is_contiguous():
                     triton_work.append(args)
@@ -274,8 +310,11 @@ class SparseAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._all_params())}
-        sd["allo_layouts"] = {index[id(p)]: layout.to_dict() for p, layout in self._layouts.items()
-                              if id(p) in index and "exp_avg" in self.state.get(p, {})}
+        sd["allo_layouts"] = {
+            index[id(p)]: layout.to_dict()
+            for p, layout in self._layouts.items()
+            if id(p) in index and "exp_avg" in self.state.get(p, {})
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -309,7 +348,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 self._migrate_state(p, saved, current, tensors=tensors)
 
     # -------------------------------------------------------------------------------------------- DeepSpeed
-    def bind(self, engine) -> "SparseAdamW":
+    def bind(self, engine) -> SparseAdamW:
         """Map the masks onto the flat fp32 partitions of a DeepSpeed engine (call after deepspeed.initialize)."""
         from .deepspeed_bind import bind_engine
 
