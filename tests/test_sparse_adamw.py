@@ -7,6 +7,8 @@ Unselected entries must stay bit-identical to their initial values (torch.equal)
 
 from __future__ import annotations
 
+import copy
+import re
 import warnings
 
 import pytest
@@ -247,8 +249,147 @@ def test_changing_a_mask_migrates_state_of_rows_that_stay():
     # loading a state saved under the old mask into an optimizer with the new mask migrates the same way
     q = p.detach().clone().requires_grad_()
     opt2 = SparseAdamW([q], lr=1e-2, masks={q: new}, backend="torch")
-    opt2.load_state_dict(sd_old)
+    with pytest.warns(UserWarning, match=r"param 0 \(shape \(12, 5\)\) was saved under another mask.*2 of the 4"):
+        opt2.load_state_dict(sd_old)
     assert torch.equal(opt2.state[q]["exp_avg"], m_new)
+
+
+# ------------------------------------------------------------------------- masks are copied; layouts checked on load
+def _row_mask(n, rows):
+    m = torch.zeros(n, dtype=torch.bool)
+    m[rows] = True
+    return m
+
+
+def test_masks_are_copied_when_given():
+    """Issue 11.19: editing the caller's mask tensor after construction must not change what trains."""
+    p, q, r = (torch.zeros(6, 2, requires_grad=True) for _ in range(3))
+    mp, mq, mr = _row_mask(6, [0]), _row_mask(6, [1]), _row_mask(6, [2])
+    opt = SparseAdamW([{"params": [p]}, {"params": [q], "mask": mq}, {"params": [r]}], lr=0.1, masks={p: mp})
+    opt.set_mask(r, mr)
+    for m in (mp, mq, mr):
+        m[5] = True  # before the first step
+    opt.mask_of(p)[4] = True  # mask_of hands out a copy
+    for t in (p, q, r):
+        t.grad = torch.ones(6, 2)
+    opt.step()
+    for m in (mp, mq, mr):
+        m[3] = True  # after it
+    opt.step()
+    for t, row in ((p, 0), (q, 1), (r, 2)):
+        changed = (t.detach() != 0).any(dim=1)
+        assert torch.equal(changed, _row_mask(6, [row])), (row, changed)
+        assert torch.equal(opt.mask_of(t), _row_mask(6, [row]))
+
+
+def _trained(mask, shape=(8, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=g).requires_grad_()
+    opt = SparseAdamW([p], lr=1e-2, masks={p: mask}, backend="torch")
+    for _ in range(2):
+        p.grad = torch.randn(shape, generator=g)
+        opt.step()
+    return p, opt
+
+
+def test_state_saved_without_its_layout_is_refused():
+    """Issue 11.19: compact state whose layout is unknown cannot be placed: the same row count under another mask used
+    to load silently onto the wrong rows."""
+    _, opt_a = _trained(_row_mask(8, [0, 1, 2]))
+    sd = opt_a.state_dict()
+    del sd["allo_layouts"]
+    q = torch.randn(8, 3, requires_grad=True)
+    opt_b = SparseAdamW([q], lr=1e-2, masks={q: _row_mask(8, [5, 6, 7])}, backend="torch")
+    with pytest.raises(ValueError, match=r"optimizer state of param 0 \(shape \(8, 3\)\) holds .* no layout for it"):
+        opt_b.load_state_dict(sd)
+    assert len(opt_b.state) == 0  # nothing loaded
+    sd["allo_layouts"] = {}
+    with pytest.raises(ValueError, match="lacks index 0"):
+        opt_b.load_state_dict(sd)
+    # a dense state (torch.optim.AdamW's) needs no layout: the selected rows are taken from it
+    dense_p = torch.randn(8, 3, requires_grad=True)
+    dense = torch.optim.AdamW([dense_p], lr=1e-2)
+    dense_p.grad = torch.randn(8, 3)
+    dense.step()
+    opt_b.load_state_dict(dense.state_dict())
+    assert torch.equal(opt_b.state[q]["exp_avg"], dense.state[dense_p]["exp_avg"][5:])
+
+
+def test_saved_layout_of_another_parameter_is_refused():
+    _, opt_a = _trained(_row_mask(4, [0, 2]), shape=(4, 3))
+    sd = opt_a.state_dict()
+    for shape, mask, match in [
+        ((3, 4), _row_mask(3, [0, 2]), r"param 0 \(shape \(3, 4\)\) was saved for a parameter of shape \(4, 3\)"),
+        ((5, 3), _row_mask(5, [0, 2]), r"param 0 \(shape \(5, 3\)\) was saved for a parameter of shape \(4, 3\)"),
+    ]:
+        q = torch.randn(shape, requires_grad=True)
+        opt = SparseAdamW([q], lr=1e-2, masks={q: mask}, backend="torch")
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        assert len(opt.state) == 0
+    # a state dict written before "param_shape" was stored is checked by element count
+    old_format = copy.deepcopy(sd)
+    del old_format["allo_layouts"][0]["param_shape"]
+    q = torch.randn(5, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="was saved for a parameter of 12 elements"):
+        SparseAdamW([q], masks={q: _row_mask(5, [0])}).load_state_dict(old_format)
+
+
+def test_old_format_state_dict_still_loads():
+    p, opt_a = _trained(_row_mask(8, [1, 4, 6]))
+    sd = opt_a.state_dict()
+    del sd["allo_layouts"][0]["param_shape"]
+    q = p.detach().clone().requires_grad_()
+    opt = SparseAdamW([q], lr=1e-2, masks={q: _row_mask(8, [1, 4, 6])}, backend="torch")
+    opt.load_state_dict(sd)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[q][k], opt_a.state[p][k])
+
+
+def test_malformed_saved_layouts_are_refused():
+    _, opt_a = _trained(_row_mask(8, [1, 4, 6]))
+    q = torch.randn(8, 3, requires_grad=True)
+    opt = SparseAdamW([q], lr=1e-2, masks={q: _row_mask(8, [1, 4, 6])}, backend="torch")
+    cases = [
+        ({"seg_param": torch.tensor([3, 12, 23])}, r"segments outside \[0, 24\)"),  # last segment runs past the end
+        ({"seg_param": torch.tensor([12, 3, 18])}, "out of order"),
+        ({"seg_len": torch.tensor([3.0, 3.0, 3.0])}, "malformed segment tables"),
+        ({"state_shape": (4, 3)}, r"state shape \(4, 3\) for 9 state elements"),
+        ({"elem_mask": torch.ones(5, dtype=torch.bool)}, "element mask"),
+        ({"numel": "24x"}, "malformed"),
+    ]
+    for change, match in cases:
+        sd = opt_a.state_dict()
+        sd["allo_layouts"][0] = {**sd["allo_layouts"][0], **change}
+        with pytest.raises(ValueError, match=r"^saved layout of param 0 \(shape \(8, 3\)\)") as info:
+            opt.load_state_dict(sd)
+        assert re.search(match, str(info.value)), (match, str(info.value))
+    sd = opt_a.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"][:2]
+    with pytest.raises(ValueError, match=r"'exp_avg': 6\} elements but its saved layout selects 9"):
+        opt.load_state_dict(sd)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("element", [False, True])
+def test_state_saved_under_another_mask_is_remapped_by_row(element):
+    """Same row count, other rows: each saved row's moments go to the same parameter row, or are dropped."""
+    rows_a, rows_b = [0, 1, 4], [1, 4, 6]
+    mask_a = _row_mask(8, rows_a)
+    mask_b = _row_mask(8, rows_b)
+    if element:  # element masks: state lives on rows holding a selected element
+        mask_a = mask_a[:, None].expand(8, 3).clone()
+        mask_a[:, 1] = False
+        mask_b = mask_b[:, None].expand(8, 3).clone()
+    p, opt_a = _trained(mask_a)
+    q = p.detach().clone().requires_grad_()
+    opt_b = SparseAdamW([q], lr=1e-2, masks={q: mask_b}, backend="torch")
+    with pytest.warns(UserWarning, match=r"2 of the 3 saved rows kept their moments, 1 newly selected rows start"):
+        opt_b.load_state_dict(opt_a.state_dict())
+    m_a, m_b = opt_a.state[p]["exp_avg"], opt_b.state[q]["exp_avg"]
+    assert m_b.shape == (3, 3)
+    assert torch.equal(m_b[0], m_a[1]) and torch.equal(m_b[1], m_a[2])  # rows 1 and 4
+    assert torch.equal(m_b[2], torch.zeros(3))  # row 6 was not selected under A
 
 
 def test_bad_masks_raise_clear_errors():

@@ -14,6 +14,7 @@ per-row ``lse`` (4 bytes per token) for the backward.
 Backward: one program per row reads the row once and writes the gradient once (optionally into the logits
 buffer itself, so no second [N, V] buffer exists). Rows whose label is ``ignore_index`` or whose upstream gradient is
 exactly zero (masked tokens) skip the read and only write zeros; in the forward they skip the vocabulary entirely.
+So an ignored row is 0.0 with a zero gradient whatever its logits hold (-inf, NaN); the torch reference matches that.
 
 Rows may be strided (``logits[:, :-1]`` of a [B, T, V] tensor): the kernels address row ``r`` as
 ``(r // n_inner) * stride_outer + (r % n_inner) * stride_inner``, so no copy is made as long as the leading
@@ -30,6 +31,7 @@ from .._backend import select_backend, triton_available
 from .._validate import (
     FLOAT_DTYPES,
     INT_DTYPES,
+    check_inplace_backward,
     check_labels,
     check_positive,
     check_same_device,
@@ -283,6 +285,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
             temperature=opts.temperature,
             inplace=opts.inplace_backward,
         )
+        if opts.inplace_backward:
+            # The kernel wrote through a raw pointer; bump the version counter as an in-place torch op would, so any
+            # other autograd node that saved these logits (or a second backward) raises instead of reading gradients.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None
 
 
@@ -290,13 +296,23 @@ class TokenLogprobsFunction(torch.autograd.Function):
 def token_logprobs_reference(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Plain-torch ground truth (and CPU fallback): fp32 log-softmax, gather, zeros at ignored positions."""
+    """Plain-torch ground truth (and CPU fallback): fp32 log-softmax, gather, zeros at ignored positions.
+
+    Like the kernels, an ignored row gives exactly 0.0 and a zero gradient whatever its logits hold.
+    """
     x = logits.float()
     if temperature != 1.0:
         x = x / temperature
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = torch.log_softmax(x, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp_all = torch.log_softmax(x, dim=-1)
+    # log_softmax's backward is grad - exp(out) * sum(grad): an ignored row (grad 0) still gets 0 * NaN = NaN when its
+    # out holds a NaN (logits NaN, all -inf, or +inf). A NaN anywhere in a row makes the row's sum of exponentials
+    # NaN, hence the whole row of out, position 0 included; so checking N values of out (not another [N, V] pass)
+    # finds every such row. Only then are the ignored rows zeroed and log_softmax run again (the rare case pays).
+    if bool((~valid & ~torch.isfinite(logp_all[..., 0])).any()):
+        logp_all = torch.log_softmax(x.masked_fill(~valid.unsqueeze(-1), 0.0), dim=-1)
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, logp, torch.zeros_like(logp))
 
 
@@ -317,7 +333,7 @@ def validate_logits_labels(
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got {describe(logits)}")
     check_same_device(logits=logits, labels=labels)
-    check_labels("labels", labels, logits.shape[-1], ignore_index)
+    labels = check_labels("labels", labels, logits.shape[-1], ignore_index)  # narrow dtypes widened to int64
     return logits, labels, temperature
 
 
@@ -334,11 +350,18 @@ def token_logprobs(
     Args:
         logits: [..., V] fp16/bf16/fp32. Rows may be strided (``logits[:, :-1]``); the vocabulary dimension should
             be contiguous, otherwise a copy is made.
-        labels: [...] integer ids in [0, V) or ``ignore_index``. No shifting happens here: pass
-            ``logits[:, :-1]`` with ``labels[:, 1:]``.
+        labels: [...] integer ids in [0, V) or ``ignore_index``, any of int8/int16/int32/int64/uint8 (compared
+            exactly, in int64). No shifting happens here: pass ``logits[:, :-1]`` with ``labels[:, 1:]``.
         inplace_backward: opt-in for the Triton path: the backward writes the gradient into the logits buffer
             itself instead of a new [N, V] buffer. Only safe when nothing else needs those logits afterwards
-            (the usual case: logits that exist only to feed this loss). Ignored by the torch reference.
+            (the usual case: logits that exist only to feed this loss, e.g. an lm_head output). Refused with a
+            ValueError on every backend when the logits are a leaf that requires grad or a view of one (its data
+            would be replaced by its gradient) or when their elements may overlap (expanded, stride 0: gradient rows
+            would collide); refused rather than silently given a separate buffer, because a caller who opts in is
+            counting on the memory saved. After the write, autograd sees the logits as modified in place, so another
+            node that saved them raises instead of reading gradients. Logits whose vocabulary dimension is not
+            contiguous are copied, and then the gradient goes to a separate buffer. The torch reference computes no
+            in-place gradient (but checks the same).
 
     Returns:
         fp32 tensor of shape ``labels.shape``, differentiable w.r.t. ``logits``.
@@ -346,9 +369,10 @@ def token_logprobs(
     logits, labels, temperature = validate_logits_labels(
         logits, labels, ignore_index=ignore_index, temperature=temperature
     )
+    inplace_backward = check_inplace_backward(inplace_backward, logits)
     if select_backend(logits.device) != "triton":
         return token_logprobs_reference(logits, labels, ignore_index=ignore_index, temperature=temperature)
     logits_rows, layout = as_row_addressable(logits)
-    opts = _Options(layout, ignore_index, temperature, bool(inplace_backward) and logits_rows is logits)
+    opts = _Options(layout, ignore_index, temperature, inplace_backward and logits_rows is logits)
     flat_labels = labels.reshape(-1).contiguous()
     return TokenLogprobsFunction.apply(logits_rows, flat_labels, opts).view(labels.shape)

@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import torch
 
 from .._backend import select_backend, triton_available
-from .._validate import FLOAT_DTYPES, check_choice, check_positive, check_shape, check_tensor, describe
+from .._validate import (
+    FLOAT_DTYPES,
+    check_choice,
+    check_inplace_backward,
+    check_positive,
+    check_shape,
+    check_tensor,
+    describe,
+)
 from .token_logprobs import (
     TokenLogprobsFunction,
     _Options,
@@ -313,6 +321,7 @@ def token_scores(
     )
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] (3 dimensions), got {describe(logits)}")
+    inplace_backward = check_inplace_backward(inplace_backward, logits)
     ref, w, beta, mask_fraction = validate_score_options(
         labels, ref_logprobs, weights, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by, mask_scope=mask_scope
     )

@@ -12,9 +12,12 @@ element masks keep state for every row that contains a selected element and upda
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .._validate import describe
 
 
 @dataclass
@@ -69,7 +72,8 @@ class Layout:
         return self.elem_mask is None or torch.equal(self.elem_mask, other.elem_mask.to(dev))
 
     def to_dict(self) -> dict:
-        """CPU description that state_dict stores (enough to migrate state onto another layout)."""
+        """CPU description that state_dict stores: exactly which parameter elements the state belongs to (enough to
+        check it against the current parameter and migrate it onto another layout)."""
         return {
             "numel": self.numel,
             "seg_param": self.seg_param.cpu(),
@@ -79,13 +83,38 @@ class Layout:
         }
 
     @staticmethod
-    def from_dict(d: dict, device: torch.device) -> Layout:
+    def from_dict(d: dict, device: torch.device, *, what: str = "saved layout") -> Layout:
+        """Inverse of ``to_dict``; a malformed description (wrong types, segments out of range, unsorted or
+        overlapping, an element mask of the wrong length) is a ValueError starting with ``what``."""
+        try:
+            numel = int(d["numel"])
+            seg_param, seg_len, elem_mask = d["seg_param"], d["seg_len"], d["elem_mask"]
+            state_shape = tuple(int(x) for x in d["state_shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{what} is malformed ({type(e).__name__}: {e}), not SparseAdamW.state_dict()'s") from e
+        tables_ok = (
+            all(
+                isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() for t in (seg_param, seg_len)
+            )
+            and seg_param.numel() == seg_len.numel()
+        )
+        if not tables_ok:
+            raise ValueError(f"{what} has malformed segment tables: seg_param {seg_param!r}, seg_len {seg_len!r}")
+        start, length = seg_param.to(torch.int64).cpu(), seg_len.to(torch.int64).cpu()
+        end = start + length
+        if bool((start < 0).any() | (length < 0).any() | (end > numel).any()) or bool((start[1:] < end[:-1]).any()):
+            raise ValueError(f"{what} has segments outside [0, {numel}) or out of order")
+        n = int(length.sum()) if length.numel() else 0
+        if elem_mask is not None and (not isinstance(elem_mask, torch.Tensor) or elem_mask.numel() != n):
+            raise ValueError(f"{what} has an element mask {describe(elem_mask)} for {n} state elements")
+        if math.prod(state_shape) != n:
+            raise ValueError(f"{what} has state shape {state_shape} for {n} state elements")
         return make_layout(
-            d["numel"],
-            d["seg_param"].to(device),
-            d["seg_len"].to(device),
-            elem_mask=None if d["elem_mask"] is None else d["elem_mask"].to(device),
-            state_shape=tuple(d["state_shape"]),
+            numel,
+            start.to(device),
+            length.to(device),
+            elem_mask=None if elem_mask is None else elem_mask.to(device),
+            state_shape=state_shape,
         )
 
 

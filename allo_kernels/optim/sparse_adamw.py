@@ -11,10 +11,17 @@ Semantics (the contract of DESIGN.md):
   ``[R, C...]`` weight with ``k`` selected rows (element masks: rows holding at least one selected element; the
   unselected elements of those rows are neither updated nor their state touched). ``step`` is a per-tensor counter as
   in torch. With ``master_weights=True`` bf16/fp16 params also get fp32 master rows (``state["master"]``).
-* ``set_mask(p, mask)`` changes a mask; the state of rows that stay selected is carried over, new rows start from
-  zero moments (with the tensor's step count).
-* ``state_dict()`` adds the compact layouts; ``load_state_dict()`` restores fp32 state exactly and migrates it when
-  the current masks differ from the saved ones.
+* Masks are copied when given (constructor, param-group key, ``set_mask``): editing the caller's tensor afterwards
+  changes nothing; ``mask_of(p)`` returns a copy too. ``set_mask(p, mask)`` changes a mask; the state of rows that
+  stay selected is carried over, new rows start from zero moments (with the tensor's step count).
+* ``state_dict()`` adds, per parameter with state, its compact layout (``"allo_layouts"``: the selected element
+  segments, element mask, parameter shape), so every saved state row is tied to its parameter row.
+  ``load_state_dict()`` checks each saved layout against the parameter it loads into (a different shape or element
+  count, a malformed layout, or compact state without a layout is a ValueError naming the parameter, and nothing is
+  loaded) and restores fp32 state exactly. When the current mask selects other rows than the saved one, the state is
+  remapped by row index, as ``set_mask`` does (rows in both keep their moments, newly selected rows start from zero,
+  rows no longer selected are dropped), with one warning giving the counts. Dense ``torch.optim.AdamW`` state loads
+  too. State dicts written before the parameter shape was stored load as before (checked by element count only).
 
 Backends: Triton for CUDA tensors (one launch per dtype group over a table of row segments), the native C++ library
 for CPU tensors (vectorised, OpenMP), the torch reference elsewhere. ``backend=`` or ``ALLO_KERNELS_BACKEND`` overrides.
@@ -145,7 +152,8 @@ class SparseAdamW(torch.optim.Optimizer):
                 f"mask for param of shape {tuple(p.shape)} is on {mask.device} but the param is on "
                 f"{p.device}; move the mask to the param's device once, up front"
             )
-        return mask.detach().contiguous()
+        # a private copy: the caller may reuse or edit its tensor, and what trains must not change with it
+        return mask.detach().clone(memory_format=torch.contiguous_format)
 
     def set_mask(self, param: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Set (or with ``None`` remove) the mask of ``param``, migrating its state to the new selection."""
@@ -163,7 +171,9 @@ class SparseAdamW(torch.optim.Optimizer):
             self._migrate_state(param, old, new)
 
     def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
-        return self._masks.get(param)
+        """A copy of ``param``'s mask (None: dense); change masks with ``set_mask``."""
+        mask = self._masks.get(param)
+        return None if mask is None else mask.clone()
 
     # ----------------------------------------------------------------------------------------------- layouts
     def _layout(self, p: torch.Tensor) -> Layout:
@@ -311,41 +321,98 @@ class SparseAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._all_params())}
         sd["allo_layouts"] = {
-            index[id(p)]: layout.to_dict()
+            index[id(p)]: {**layout.to_dict(), "param_shape": tuple(p.shape)}
             for p, layout in self._layouts.items()
             if id(p) in index and "exp_avg" in self.state.get(p, {})
         }
         return sd
+
+    def _param_label(self, idx: int, p: torch.Tensor) -> str:
+        """How errors name a param: its index and shape, plus the model params a bound flat ZeRO partition holds."""
+        label = f"param {idx} (shape {tuple(p.shape)})"
+        pieces = self._binding.pieces.get(p, []) if self._binding is not None else []
+        names = list(dict.fromkeys(piece.name for piece in pieces))
+        if names:
+            label += f" holding {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+        return label
+
+    def _saved_layout(self, idx: int, p: torch.Tensor, saved: dict | None, tensors: dict) -> Layout:
+        """The layout the saved state ``tensors`` of ``p`` were written under, checked against ``p``."""
+        label = self._param_label(idx, p)
+        sizes = {k: int(t.numel()) for k, t in tensors.items()}
+        if saved is None:
+            if all(n == p.numel() for n in sizes.values()):
+                return dense_layout(p)  # a dense (e.g. torch.optim.AdamW) state
+            raise ValueError(
+                f"optimizer state of {label} holds {sizes} elements but the state dict has no layout for it "
+                f"('allo_layouts' is missing or lacks index {idx}), so nothing says which rows of the parameter "
+                "those state rows belong to; load a state dict written by SparseAdamW.state_dict()"
+            )
+        if not isinstance(saved, dict):
+            raise ValueError(f"saved layout of {label} must be a dict, as state_dict() writes, got {describe(saved)}")
+        layout = Layout.from_dict(saved, p.device, what=f"saved layout of {label}")
+        shape = saved.get("param_shape")  # absent in state dicts written before it was stored: numel still checked
+        if (shape is not None and tuple(shape) != tuple(p.shape)) or layout.numel != p.numel():
+            was = f"shape {tuple(shape)}" if shape is not None else f"{layout.numel} elements"
+            raise ValueError(
+                f"optimizer state of {label} was saved for a parameter of {was}; the state dict belongs to another "
+                "model or parameter order (or, under ZeRO, another world size: use export_state()/import_state())"
+            )
+        bad = {k: n for k, n in sizes.items() if n != layout.n_compact}
+        if bad:
+            raise ValueError(
+                f"optimizer state of {label} has {bad} elements but its saved layout selects {layout.n_compact}"
+            )
+        return layout
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch's load_state_dict casts floating state to the param's dtype: keep our fp32 tensors out of its reach.
         sd = dict(state_dict)
         layouts = sd.pop("allo_layouts", {})
         saved_state = sd.get("state", {})
+        params = self._all_params()
+        # Check every saved layout first: a refused state dict leaves this optimizer exactly as it was.
+        plans = []
+        for key, st in saved_state.items():
+            tensors = {k: v for k, v in st.items() if k in STATE_KEYS}
+            idx = int(key)
+            if not tensors or not 0 <= idx < len(params):  # an index torch's own check below refuses
+                continue
+            described = layouts.get(key)
+            saved = self._saved_layout(idx, params[idx], described, tensors)
+            plans.append((idx, params[idx], saved, tensors, described is not None))
         sd["state"] = {k: {kk: vv for kk, vv in st.items() if kk not in STATE_KEYS} for k, st in saved_state.items()}
         super().load_state_dict(sd)
         for st in self.state.values():  # torch keeps the caller's step tensors: do not step them in place
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].clone()
-        params = self._all_params()
-        for idx, st in saved_state.items():
-            tensors = {k: v for k, v in st.items() if k in STATE_KEYS}
-            if not tensors:
-                continue
-            p = params[int(idx)]
+        for idx, p, saved, tensors, described in plans:
             current = self._layout(p)
-            if idx in layouts:
-                saved = Layout.from_dict(layouts[idx], p.device)
-            elif tensors["exp_avg"].numel() == p.numel():
-                saved = dense_layout(p)  # a dense (e.g. torch.optim.AdamW) state
-            else:
-                saved = current
             if saved.same_as(current):
                 for k, t in tensors.items():
                     self.state[p][k] = t.to(device=p.device, dtype=torch.float32).reshape(current.state_shape).clone()
                 self._fill_missing(p, current)
             else:
+                if described:  # not for a dense AdamW state: taking its selected rows is the expected use
+                    self._warn_remap(idx, p, saved, current)
                 self._migrate_state(p, saved, current, tensors=tensors)
+
+    def _warn_remap(self, idx: int, p: torch.Tensor, saved: Layout, current: Layout) -> None:
+        old, new = saved.flat_index(), current.flat_index()
+        kept = int(torch.isin(new, old.to(new.device)).sum()) if old.numel() and new.numel() else 0
+        # count rows when both are row layouts of the same width, elements otherwise
+        width = current.state_shape[1] if len(current.state_shape) == 2 else 0
+        if width and len(saved.state_shape) == 2 and saved.state_shape[1] == width:
+            unit, kept, n_old, n_new = "rows", kept // width, old.numel() // width, new.numel() // width
+        else:
+            unit, n_old, n_new = "elements", old.numel(), new.numel()
+        warnings.warn(
+            f"SparseAdamW.load_state_dict: the state of {self._param_label(idx, p)} was saved under another mask; "
+            f"remapped by index: {kept} of the {n_old} saved {unit} kept their moments, {n_new - kept} newly "
+            f"selected {unit} start from zero, {n_old - kept} saved {unit} no longer selected were dropped",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # -------------------------------------------------------------------------------------------- DeepSpeed
     def bind(self, engine) -> SparseAdamW:
