@@ -43,11 +43,14 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
+# Results go to the git-ignored .bench-results/; `make bench-cpu SAVE=1` updates the committed benchmarks/results/.
+BENCH_SAVE := $(if $(SAVE),--save)
+
 bench-cpu: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-min-rounds=3
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-min-rounds=3 $(BENCH_SAVE)
 
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(PY) -m pytest -q benchmarks --benchmark-only $(BENCH_SAVE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -5,7 +5,8 @@ against dense ``torch.optim.AdamW(fused=True)`` and DeepSpeed's ``DeepSpeedCPUAd
 Target (DESIGN.md): at 10 % rows >= 6x faster than both; at 100 % at least DeepSpeedCPUAdam's speed.
 
     ALLO_BENCH_FULL=1 pytest benchmarks/bench_sparse_adamw.py      # 4 x 4096 x 4096 (default: 4 x 512 x 512)
-    python benchmarks/bench_sparse_adamw.py --json benchmarks/results/cpu-sparse_adamw.json   # full CPU table
+    python benchmarks/bench_sparse_adamw.py          # full CPU table -> .bench-results/cpu-sparse_adamw.json
+    python benchmarks/bench_sparse_adamw.py --save   # ... -> the committed benchmarks/results/cpu-sparse_adamw.json
 
 The standalone table steps every optimizer round-robin and also reports paired speedups (baseline / ours within each
 round), which cancel most of the drift of a shared machine; see benchmarks/README.md.
@@ -37,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from allo_kernels.optim import SparseAdamW, _native
+from benchmarks.render import results_dir
 
 FULL = os.environ.get("ALLO_BENCH_FULL") == "1"
 CPU_ROWS, CPU_COLS = (4096, 4096) if FULL else (512, 512)
@@ -44,6 +46,7 @@ CPU_TENSORS = 4
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 _cpu_cache: dict = {}
+STANDALONE_JSON = "cpu-sparse_adamw.json"  # the round-robin table of main()
 
 
 # ----------------------------------------------------------------------------------------------------------- CPU
@@ -238,12 +241,20 @@ def cpu_model() -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", type=Path, help="write the table here")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument(
+        "--json", type=Path, help=f"write the table here (default: {STANDALONE_JSON} in the scratch results folder)"
+    )
+    where.add_argument("--save", action="store_true", help=f"write the committed benchmarks/results/{STANDALONE_JSON}")
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--no-deepspeed", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        out = args.json or results_dir(save=args.save) / STANDALONE_JSON
+    except ValueError as exc:
+        ap.error(str(exc))
     params = cpu_tensors(args.rows, args.cols, CPU_TENSORS)
     cases = [("allo_native", f) for f in FRACTIONS] + [("torch_adamw_fused", 1.0)]
     if not args.no_deepspeed:
@@ -317,9 +328,9 @@ def main(argv=None) -> None:
         speedups_paired=paired,
     )
     print(json.dumps(dict(median=speedups, paired=paired), indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}" + ("" if args.save or args.json else " (scratch; --save updates benchmarks/results/)"))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ Every ``benchmarks/bench_*.py`` imports its helpers from here (``from benchmarks
 * ``measure(fn, warmup=, reps=, setup=)``: median time (CUDA events on GPU, ``perf_counter`` on CPU) and peak memory.
 * ``run_case(benchmark, results, ...)``: one benchmark case through pytest-benchmark, recorded as one results row;
   an out-of-memory case is recorded as ``status="oom"`` and skipped.
-* the ``results`` fixture (a ``ResultsRecorder``): rows merged into ``benchmarks/results/<device-slug>.json``, one file
-  per device, each row keyed by (suite, case, impl, shape, dtype); rerunning a case replaces its row.
+* the ``results`` fixture (a ``ResultsRecorder``): rows merged into ``<results dir>/<device-slug>.json``, one file
+  per device, each row keyed by (suite, case, impl, shape, dtype); rerunning a case replaces its row. The results dir
+  is the git-ignored scratch folder ``.bench-results/`` (or ``ALLO_BENCH_RESULTS_DIR``); ``pytest benchmarks --save``
+  updates the committed ``benchmarks/results/`` instead. The run ends with where the rows went and why cases skipped.
 
 Environment: ``ALLO_BENCH_DEVICE`` (cpu|cuda) overrides the device, ``ALLO_BENCH_FULL=1`` forces the full shape list,
 ``ALLO_BENCH_WARMUP`` / ``ALLO_BENCH_REPS`` override the repetition counts, ``ALLO_BENCH_PEAK_GBPS`` sets the peak
-memory bandwidth of a GPU missing from the table, ``ALLO_BENCH_RESULTS_DIR`` writes the JSON elsewhere,
+memory bandwidth of a GPU missing from the table, ``ALLO_BENCH_RESULTS_DIR`` is the scratch folder to write to,
 ``ALLO_BENCH_THREADS`` sets torch's intra-op CPU threads.
 
 Files named ``bench_*.py`` are collected when this directory is passed to pytest; ``pytest tests`` (and a bare
@@ -38,6 +40,8 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks.render import COMMITTED_RESULTS_DIR, results_dir
+
 if os.environ.get("ALLO_BENCH_THREADS"):
     # CPU runs on shared machines are steadier with one intra-op thread; recorded as torch_threads in the metadata.
     torch.set_num_threads(int(os.environ["ALLO_BENCH_THREADS"]))
@@ -49,6 +53,24 @@ ROW_KEY_FIELDS = ("suite", "case", "impl", "shape", "dtype")
 
 
 # -------------------------------------------------------------------------------------------------------- collection
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--save",
+        action="store_true",
+        default=False,
+        help="allo benchmarks: merge the rows into the committed benchmarks/results/ (default: the git-ignored "
+        "scratch folder .bench-results/, or ALLO_BENCH_RESULTS_DIR)",
+    )
+
+
+def pytest_configure(config) -> None:
+    global _RESULTS_DIR
+    try:
+        _RESULTS_DIR = results_dir(save=config.getoption("save"))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def pytest_collect_file(file_path: Path, parent):
     """Collect ``bench_*.py`` here (pytest's default pattern is ``test_*.py``).
 
@@ -447,10 +469,7 @@ class ResultsRecorder:
         return row
 
 
-def results_dir() -> Path:
-    return Path(os.environ.get("ALLO_BENCH_RESULTS_DIR", BENCH_DIR / "results"))
-
-
+_RESULTS_DIR: Path | None = None  # set from --save / ALLO_BENCH_RESULTS_DIR when pytest starts
 _RECORDER: ResultsRecorder | None = None
 
 
@@ -458,16 +477,35 @@ _RECORDER: ResultsRecorder | None = None
 def results() -> ResultsRecorder:
     global _RECORDER
     device = bench_device()
-    _RECORDER = ResultsRecorder(results_dir() / f"{device_slug(device)}.json", environment_metadata(device))
+    folder = _RESULTS_DIR if _RESULTS_DIR is not None else results_dir()
+    _RECORDER = ResultsRecorder(folder / f"{device_slug(device)}.json", environment_metadata(device))
     return _RECORDER
 
 
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's table, so these lines end the output
 def pytest_terminal_summary(terminalreporter) -> None:
+    """Where the rows went, and why cases were skipped (pytest -q shows only a count)."""
+    write = terminalreporter.write_line
     if _RECORDER is not None and _RECORDER.n_recorded:
-        terminalreporter.write_line(
-            f"allo benchmarks: {_RECORDER.n_recorded} rows merged into {_RECORDER.path}; "
-            f"render with: python -m benchmarks.render {_RECORDER.path}"
+        committed = _RECORDER.path.parent.resolve() == COMMITTED_RESULTS_DIR
+        write(
+            f"allo benchmarks: {_RECORDER.n_recorded} rows merged into {_RECORDER.path}"
+            + ("" if committed else " (scratch; rerun with --save to update benchmarks/results/)")
         )
+        write(f"render with: python -m benchmarks.render{' --save' if committed else ''} {_RECORDER.path}")
+    by_reason: dict[str, list[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        by_reason.setdefault(_skip_reason(report), []).append(report.nodeid)
+    if by_reason:
+        write(f"allo benchmarks: skipped cases (count x reason, e.g. which): {sum(map(len, by_reason.values()))}")
+        for reason, nodeids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            write(f"{len(nodeids):>5} x {reason}  (e.g. {nodeids[0].rsplit('/', 1)[-1]})")
 
 
 def _finite_or_none(x: float | None) -> float | None:

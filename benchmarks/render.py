@@ -1,13 +1,17 @@
-"""Render benchmark results (``benchmarks/results/<device>.json``) as markdown tables and PNG plots.
+"""Render benchmark results (``<results dir>/<device>.json``) as markdown tables and PNG plots.
 
-    python -m benchmarks.render                         # every results/*.json
-    python -m benchmarks.render benchmarks/results/cpu.json [--no-plot] [--out-dir DIR]
+    python -m benchmarks.render                         # every JSON of the scratch folder .bench-results/
+    python -m benchmarks.render --save                  # the committed benchmarks/results/*.json, rendered in place
+    python -m benchmarks.render FILE.json [--no-plot] [--out-dir DIR]
 
-For each JSON it prints the markdown, writes ``<stem>.md`` beside it (or in ``--out-dir``) and one
-``<stem>-<suite>.png`` per suite. Suites are handled generically: rows are grouped by (case, shape, dtype), one column
-per implementation. The implementation marked ``ours`` in the rows (else ``allo``, else the first one seen) is the
-reference of the speedup columns: ``speedup = baseline median time / our median time`` (> 1: ours is faster), and of
-the memory ratios ``baseline peak memory / our peak memory``.
+For each JSON it prints the markdown, writes ``<stem>.md`` and one ``<stem>-<suite>.png`` per suite beside the JSON
+(``--out-dir`` elsewhere), and lists the skipped cases with their reasons on stderr. Without ``--save`` nothing under
+``benchmarks/results/`` is written: a committed JSON named on the command line is rendered into the scratch folder.
+
+Suites are handled generically: rows are grouped by (case, shape, dtype), one column per implementation. The
+implementation marked ``ours`` in the rows (else ``allo``, else the first one seen) is the reference of the speedup
+columns: ``speedup = baseline median time / our median time`` (> 1: ours is faster), and of the memory ratios
+``baseline peak memory / our peak memory``.
 
 Needs only the standard library (and matplotlib for the plots).
 """
@@ -17,13 +21,35 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where results go (the pytest harness in conftest.py and the standalone scripts use these too): a run writes to the
+# git-ignored scratch folder unless asked, with --save, to update the committed results.
+COMMITTED_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCRATCH_RESULTS_DIR = Path(__file__).resolve().parent.parent / ".bench-results"
+RESULTS_DIR_ENV = "ALLO_BENCH_RESULTS_DIR"
 CASE_ORDER = {"fwd": 0, "forward": 0, "bwd": 1, "backward": 1, "full": 2, "fwd+bwd": 2}
+
+
+def results_dir(*, save: bool = False) -> Path:
+    """The folder benchmark results are written to and rendered from.
+
+    ``save=True``: the committed ``benchmarks/results/``. Otherwise ``$ALLO_BENCH_RESULTS_DIR`` when set, else the
+    git-ignored scratch folder ``.bench-results/`` at the repository root. Asking for both is refused (ValueError).
+    """
+    env = os.environ.get(RESULTS_DIR_ENV, "").strip()
+    if save and env:
+        raise ValueError(
+            f"--save writes the committed results in {COMMITTED_RESULTS_DIR}, but {RESULTS_DIR_ENV}={env!r} asks for "
+            "another folder: unset one of them"
+        )
+    if save:
+        return COMMITTED_RESULTS_DIR
+    return Path(env) if env else SCRATCH_RESULTS_DIR
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -269,6 +295,21 @@ def plot_suite(rows: list[dict[str, Any]], title: str, path: Path) -> bool:
     return True
 
 
+def skip_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per reason a case did not run (skipped: the recorded note; OOM): how many cases, which suite/impl."""
+    by_reason: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+    for row in rows:
+        if row.get("status") == "skipped":
+            by_reason.setdefault(str(row.get("note") or "no reason recorded"), []).append(row)
+        elif row.get("status") == "oom":
+            by_reason.setdefault("out of memory", []).append(row)
+    lines = []
+    for reason, skipped in by_reason.items():
+        which = ", ".join(OrderedDict.fromkeys(f"{r['suite']}/{r['impl']}" for r in skipped))
+        lines.append(f"{len(skipped):>4} x {which}: {reason}")
+    return lines
+
+
 def render_file(path: str | Path, *, out_dir: str | Path | None = None, plot: bool = True) -> str:
     path = Path(path)
     data = load(path)
@@ -287,18 +328,40 @@ def render_file(path: str | Path, *, out_dir: str | Path | None = None, plot: bo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.render", description=__doc__.split("\n")[0])
-    parser.add_argument("files", nargs="*", help="results JSON files (default: benchmarks/results/*.json)")
+    parser.add_argument(
+        "files", nargs="*", help="results JSON files (default: every results JSON of the results folder)"
+    )
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help=f"render the committed results in {COMMITTED_RESULTS_DIR.parent.name}/{COMMITTED_RESULTS_DIR.name}/ in "
+        f"place (default: the scratch folder, {RESULTS_DIR_ENV} or {SCRATCH_RESULTS_DIR.name}/)",
+    )
     parser.add_argument("--out-dir", default=None, help="where .md and .png go (default: beside each JSON)")
     parser.add_argument("--no-plot", action="store_true", help="markdown only")
     args = parser.parse_args(argv)
+    try:
+        folder = results_dir(save=args.save)
+    except ValueError as exc:
+        parser.error(str(exc))
     files = [Path(f) for f in args.files]
-    if not files:  # every harness results file in results/ (other JSON there, e.g. raw optimizer runs, is skipped)
-        files = [f for f in sorted(RESULTS_DIR.glob("*.json")) if "rows" in json.loads(f.read_text())]
+    if not files:  # every harness results file in the folder (other JSON there, e.g. raw optimizer runs, is skipped)
+        files = [f for f in sorted(folder.glob("*.json")) if "rows" in json.loads(f.read_text())]
     if not files:
-        print(f"no results files given and none in {RESULTS_DIR}", file=sys.stderr)
+        hint = "" if args.save else " (run the benchmarks first, or render the committed results with --save)"
+        print(f"no results files given and none in {folder}{hint}", file=sys.stderr)
         return 1
     for f in files:
-        print(render_file(f, out_dir=args.out_dir, plot=not args.no_plot))
+        out_dir = Path(args.out_dir) if args.out_dir is not None else f.parent
+        if args.out_dir is None and not args.save and f.resolve().parent == COMMITTED_RESULTS_DIR:
+            out_dir = folder  # the committed .md and plots change only with --save
+        print(render_file(f, out_dir=out_dir, plot=not args.no_plot))
+        print(f"rendered {f} -> {out_dir / (f.stem + '.md')}", file=sys.stderr)
+        skips = skip_summary(load(f)["rows"])
+        if skips:
+            print(f"cases not run in {f.name} (count x suite/impl: reason):", file=sys.stderr)
+            for line in skips:
+                print(line, file=sys.stderr)
     return 0
 
 

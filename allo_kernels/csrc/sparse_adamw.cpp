@@ -15,7 +15,8 @@
 // -march=native, so one wheel runs everywhere). The step streams 28 bytes per fp32 element and is close to memory
 // bound with a few threads, but sqrt and two divides per element still cost: on a 2-core AMD EPYC (Zen 4), 4x4096x4096
 // fp32, the AVX-512 build's best step was ~18% faster than the AVX2 build's with 1 thread and 10-14% with 2.
-// ALLO_NATIVE_ISA=avx2|default caps the choice (for benchmarks and bug reports).
+// ALLO_NATIVE_ISA=avx512|avx2|default caps the choice (for benchmarks and bug reports); the list of accepted values
+// is owned by allo_kernels/optim/_native.py, which refuses any other non-empty value before this library loads.
 
 #include <algorithm>
 #include <cmath>

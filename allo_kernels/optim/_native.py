@@ -35,10 +35,27 @@ def library_path() -> str | None:
     return None
 
 
+# Vector builds of the native step by level (the library's allo_native_isa_level()). Also the values ALLO_NATIVE_ISA
+# accepts as a cap, read by the library itself (csrc/sparse_adamw.cpp) and checked here first: the C++ ignores a value
+# it does not know, so a misspelt cap would silently run the best build.
+_ISA_NAMES = {0: "default", 1: "avx2", 2: "avx512"}
+ISA_ENV = "ALLO_NATIVE_ISA"
+
+
+def _check_isa_cap() -> None:
+    cap = os.environ.get(ISA_ENV)
+    if cap and cap not in _ISA_NAMES.values():
+        allowed = "|".join(reversed(_ISA_NAMES.values()))
+        raise ValueError(
+            f"{ISA_ENV} must be one of {allowed} (or empty / unset for the best build the CPU runs), got {cap!r}"
+        )
+
+
 def _load():
     global _lib, _error, _loaded
     if _loaded:
         return _lib
+    _check_isa_cap()  # before _loaded is set: a bad value is refused on every call until it is fixed
     _loaded = True
     path = library_path()
     if path is None:
@@ -63,13 +80,11 @@ def available() -> bool:
     return _load() is not None
 
 
-_ISA_NAMES = {0: "default", 1: "avx2", 2: "avx512"}
-
-
 def isa() -> str | None:
     """The vector build the native step runs: "avx512", "avx2" or "default" (portable); None without the library.
 
-    Picked from cpuid when the library loads; ``ALLO_NATIVE_ISA=avx2|default`` caps it (benchmarks, bug reports).
+    Picked from cpuid when the library loads; ``ALLO_NATIVE_ISA=avx512|avx2|default`` caps it (benchmarks, bug
+    reports); any other non-empty value is a ValueError.
     """
     lib = _load()
     if lib is None:
