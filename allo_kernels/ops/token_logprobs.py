@@ -18,6 +18,16 @@ exactly zero (masked tokens) skip the read and only write zeros; in the forward 
 Rows may be strided (``logits[:, :-1]`` of a [B, T, V] tensor): the kernels address row ``r`` as
 ``(r // n_inner) * stride_outer + (r % n_inner) * stride_inner``, so no copy is made as long as the leading
 dimensions fold into at most two strided groups and the vocabulary dimension is contiguous.
+
+Odd vocabularies (V not a multiple of 8 for 16-bit logits, of 4 for fp32, e.g. 32001 or 50257) put every row at a
+different offset modulo a 16-byte vector. Each row is therefore read as a head of < VEC elements, whole aligned
+vectors (the main loop: 128-bit loads), and a tail of < VEC elements; head and tail cost one extra small masked access
+per row (about 2 * VEC elements of ~V), and nothing when V and the row strides are multiples of VEC. The forward is
+fully vectorized for any V. The backward aligns to the gradient rows (128-bit stores); its loads are 128-bit too when
+the logits rows have the same alignment (in place, contiguous logits, or V a multiple of VEC) and otherwise, for an odd
+V on strided ``logits[:, :-1]``, scalar (coalesced 16/32-bit) loads. The logits base pointer itself must be 16-byte
+aligned for any vector access (``logits[:, 1:]`` of an odd V is not). benchmarks/results/codegen-sm90.md lists what
+the compiler makes of each case.
 """
 
 from __future__ import annotations
