@@ -13,7 +13,8 @@ Every ``benchmarks/bench_*.py`` imports its helpers from here (``from benchmarks
 Environment: ``ALLO_BENCH_DEVICE`` (cpu|cuda) overrides the device, ``ALLO_BENCH_FULL=1`` forces the full shape list,
 ``ALLO_BENCH_WARMUP`` / ``ALLO_BENCH_REPS`` override the repetition counts, ``ALLO_BENCH_PEAK_GBPS`` sets the peak
 memory bandwidth of a GPU missing from the table, ``ALLO_BENCH_RESULTS_DIR`` writes the JSON elsewhere,
-``ALLO_BENCH_THREADS`` sets torch's intra-op CPU threads.
+``ALLO_BENCH_THREADS`` sets torch's intra-op CPU threads, ``ALLO_BENCH_TINY=1`` runs only the first (smallest) CPU
+shape of each suite.
 
 Files named ``bench_*.py`` are collected when this directory is passed to pytest; ``pytest tests`` (and a bare
 ``pytest``, via ``testpaths``) never looks here.
@@ -153,7 +154,13 @@ def full_shapes() -> bool:
 
 
 def pick_shapes(*, cpu: Sequence[Any], gpu: Sequence[Any]) -> list[Any]:
-    return list(gpu if full_shapes() else cpu)
+    """The GPU shape list on CUDA (or ALLO_BENCH_FULL=1), else the CPU one; ``ALLO_BENCH_TINY=1`` keeps only the
+    first CPU shape (the smallest, by convention): what ``gpu_check.sh --dry-run`` runs."""
+    if full_shapes():
+        return list(gpu)
+    if os.environ.get("ALLO_BENCH_TINY", "0") not in ("", "0", "false", "False"):
+        return list(cpu[:1])
+    return list(cpu)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

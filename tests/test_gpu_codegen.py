@@ -144,3 +144,86 @@ def test_committed_tables_are_current(compiled, arch):
         f"{path.relative_to(ROOT)} is not what the kernels compile to now; regenerate it with "
         "`python -m benchmarks.codegen --write` and review the difference"
     )
+
+
+# ------------------------------------------------------------------------------------- benchmarks/gpu_check.sh on CPU
+def _write_wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel (one module) for the install step."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": "PROBE = True\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: allo-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The whole GPU check on the CPU at tiny shapes: install from a wheel folder (a torch wheel there is left out),
+    the GPU tests, every benchmark suite, results JSON and markdown. About two minutes on two busy cores."""
+    import os
+    import subprocess
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _write_wheel(wheels, "allo_gpu_check_probe", "0.1")
+    (wheels / "torch-9.9-py3-none-any.whl").write_text("not a wheel: must never reach pip")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ALLO_KERNELS_BACKEND")}
+    env["PYTHON"] = sys.executable
+    cmd = ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--wheels", str(wheels), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = (out / "gpu_check.md").read_text()
+    steps = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    assert "passed" in steps["install 1 wheel(s)"]
+    assert "left out (the machine's own stays): torch-9.9-py3-none-any.whl" in (out / "gpu_check.log").read_text()
+    gpu_tests = [k for k in steps if k.startswith("pytest -m gpu")]
+    assert len(gpu_tests) == 1 and "passed" in steps[gpu_tests[0]]
+    for suite in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        row = [v for k, v in steps.items() if k.startswith(f"{suite.stem} [")]
+        assert len(row) == 1 and "passed" in row[0], (suite.stem, row)
+    rows = __import__("json").loads((out / "cpu.json").read_text())["rows"]
+    assert {r["suite"] for r in rows} >= {"token_logprobs", "token_scores"}
+    assert (out / "cpu.md").read_text().startswith("# Benchmarks on cpu")
+    assert (out / "pytest-benchmark.json").exists()
+
+
+def test_gpu_check_refuses_without_gpu_and_bad_arguments(tmp_path):
+    import os
+    import subprocess
+
+    import torch
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = tmp_path / "never"
+    cases = [
+        (["--budget", "ten"], "--budget must be whole seconds, got 'ten'"),
+        (["--colour"], "unknown argument '--colour'"),
+    ]
+    if not torch.cuda.is_available():  # with a GPU this would start the real check
+        cases.append(([], "no CUDA device visible to torch; on a CPU machine use --dry-run"))
+    for args, message in cases:
+        proc = subprocess.run(
+            ["bash", "benchmarks/gpu_check.sh", "--out", str(out), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    assert not out.exists()
