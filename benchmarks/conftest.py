@@ -13,8 +13,7 @@ Every ``benchmarks/bench_*.py`` imports its helpers from here (``from benchmarks
 Environment: ``ALLO_BENCH_DEVICE`` (cpu|cuda) overrides the device, ``ALLO_BENCH_FULL=1`` forces the full shape list,
 ``ALLO_BENCH_WARMUP`` / ``ALLO_BENCH_REPS`` override the repetition counts, ``ALLO_BENCH_PEAK_GBPS`` sets the peak
 memory bandwidth of a GPU missing from the table, ``ALLO_BENCH_RESULTS_DIR`` writes the JSON elsewhere,
-``ALLO_BENCH_THREADS`` sets torch's intra-op CPU threads, ``ALLO_BENCH_TINY=1`` runs only the first (smallest) CPU
-shape of each suite.
+``ALLO_BENCH_THREADS`` sets torch's intra-op CPU threads.
 
 Files named ``bench_*.py`` are collected when this directory is passed to pytest; ``pytest tests`` (and a bare
 ``pytest``, via ``testpaths``) never looks here.
