@@ -175,7 +175,13 @@ def full_shapes() -> bool:
 
 
 def pick_shapes(*, cpu: Sequence[Any], gpu: Sequence[Any]) -> list[Any]:
-    return list(gpu if full_shapes() else cpu)
+    """The GPU shape list on CUDA (or ALLO_BENCH_FULL=1), else the CPU one; ``ALLO_BENCH_TINY=1`` keeps only the
+    first CPU shape (the smallest, by convention): what ``gpu_check.sh --dry-run`` runs."""
+    if full_shapes():
+        return list(gpu)
+    if os.environ.get("ALLO_BENCH_TINY", "0") not in ("", "0", "false", "False"):
+        return list(cpu[:1])
+    return list(cpu)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -18,7 +18,7 @@ def small_blocks(monkeypatch):
 
 def brute_force_masked(rewards, valid, fraction, *, highest, scope):
     """Direct transcription of the contract: per scope, floor(f*n) valid tokens with the highest (lowest) reward,
-    ties to the earlier position."""
+    ties to the earlier position; NaN rewards rank after every number (either mask_by), earlier NaN first."""
     B, T = rewards.shape
     masked = torch.zeros(B, T, dtype=torch.bool)
     scopes = (
@@ -30,7 +30,10 @@ def brute_force_masked(rewards, valid, fraction, *, highest, scope):
         cand = [(b, t) for (b, t) in positions if valid[b, t]]
         k = math.floor(fraction * len(cand))
         sign = -1.0 if highest else 1.0
-        order = sorted(range(len(cand)), key=lambda i: (sign * float(rewards[cand[i]]), i))
+        values = [float(rewards[c]) for c in cand]
+        order = sorted(
+            range(len(cand)), key=lambda i: (1, 0.0, i) if math.isnan(values[i]) else (0, sign * values[i], i)
+        )
         for i in order[:k]:
             masked[cand[i]] = True
     return masked
@@ -177,3 +180,71 @@ def test_bad_inputs():
         ak.token_scores(logits, labels, weights=w.long())
     with pytest.raises(ValueError, match=r"logits must be \[B, T, V\]"):
         ak.token_scores(logits[0], labels[0])
+
+
+def _random_selection_case(g, S, L, *, nan_frac=0.0, inf_frac=0.0):
+    logp = torch.randint(-3, 1, (S, L), generator=g).float()  # integer values: lots of ties
+    special = torch.rand(S, L, generator=g)
+    logp[special < nan_frac] = float("nan")
+    logp[(special >= nan_frac) & (special < nan_frac + inf_frac)] = float("-inf")
+    labels = torch.randint(-1, 2, (S, L), generator=g)
+    labels[labels < 0] = -100
+    return logp, labels
+
+
+@pytest.mark.parametrize("select", [_select_triton, _select_reference])
+def test_selection_odd_shapes_nan_and_inf(select, backend):
+    """One token, all ignored, batch-sized scopes, many ties, NaN and -inf rewards: exact against brute force."""
+    backend("triton")
+    g = torch.Generator().manual_seed(7)
+    cases = [(1, 1, 0.0), (1, 1, 1.0), (3, 5, 0.5), (2, 37, 0.3), (1, 300, 0.1), (4, 64, 0.0)]
+    for S, L, nan_frac in cases:
+        logp, labels = _random_selection_case(g, S, L, nan_frac=nan_frac, inf_frac=0.1)
+        if (S, L) == (4, 64):
+            labels[1] = -100  # a scope with every token ignored
+        n = (labels != -100).sum(-1)
+        for fraction in (0.0, 0.2, 0.5, 0.999):
+            k = torch.floor(fraction * n.double()).long()
+            for highest in (True, False):
+                rewards, masked = select(
+                    logp, torch.zeros(S, L), labels, k, beta=0.5, ignore_index=-100, highest=highest
+                )
+                expect = brute_force_masked(rewards, labels != -100, fraction, highest=highest, scope="sequence")
+                assert torch.equal(masked, expect), (S, L, nan_frac, fraction, highest)
+                assert masked.sum(-1).tolist() == k.tolist()
+
+
+def test_signed_zero_rewards_tie_by_position(backend):
+    backend("triton")
+    logp = torch.tensor([[-0.0, 0.0, -0.0, 0.0, 1.0, -1.0]])
+    labels = torch.zeros(1, 6, dtype=torch.long)
+    k = torch.tensor([3])
+    # highest: 1.0 first, then the zeros of either sign in position order; lowest: -1.0 first, then the zeros.
+    for highest, expect in ((True, [1, 1, 0, 0, 1, 0]), (False, [1, 1, 0, 0, 0, 1])):
+        for select in (_select_triton, _select_reference):
+            _, masked = select(logp, torch.zeros(1, 6), labels, k, beta=1.0, ignore_index=-100, highest=highest)
+            assert masked.int().tolist() == [expect], (select.__name__, highest)
+
+
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+@pytest.mark.parametrize("mask_by", ["highest", "lowest"])
+def test_nan_rewards_same_mask_on_both_paths(scope, mask_by, backend):
+    """Issue 11.20: a NaN log-prob must not change how many tokens are masked, on either path."""
+    logits, labels, ref, _ = make_case(torch.float32, B=3, T=9, V=40)
+    labels[0, :4] = 5  # all valid in row 0
+    logits = logits.clone()
+    logits[0, 2, :] = float("nan")  # row 0, token 2: NaN log-prob, NaN reward
+    logits[2, 0, 7] = float("nan")
+    out = {}
+    for backend_name in ("triton", "torch"):
+        backend(backend_name)
+        s = ak.token_scores(logits, labels, ref_logprobs=ref, mask_fraction=0.4, mask_by=mask_by, mask_scope=scope)
+        out[backend_name] = s
+    assert torch.equal(out["triton"].masked, out["torch"].masked)
+    valid = labels != -100
+    expect = brute_force_masked(out["torch"].rewards, valid, 0.4, highest=mask_by == "highest", scope=scope)
+    assert torch.equal(out["triton"].masked, expect)
+    n = valid.sum(-1) if scope == "sequence" else valid.sum().reshape(1)
+    got = out["triton"].masked.sum(-1) if scope == "sequence" else out["triton"].masked.sum().reshape(1)
+    assert got.tolist() == [math.floor(0.4 * int(v)) for v in n]
+    assert not out["triton"].masked[0, 2]  # NaN ranks last: not masked while numbers remain

@@ -19,6 +19,16 @@ So an ignored row is 0.0 with a zero gradient whatever its logits hold (-inf, Na
 Rows may be strided (``logits[:, :-1]`` of a [B, T, V] tensor): the kernels address row ``r`` as
 ``(r // n_inner) * stride_outer + (r % n_inner) * stride_inner``, so no copy is made as long as the leading
 dimensions fold into at most two strided groups and the vocabulary dimension is contiguous.
+
+Odd vocabularies (V not a multiple of 8 for 16-bit logits, of 4 for fp32, e.g. 32001 or 50257) put every row at a
+different offset modulo a 16-byte vector. Each row is therefore read as a head of < VEC elements, whole aligned
+vectors (the main loop: 128-bit loads), and a tail of < VEC elements; head and tail cost one extra small masked access
+per row (about 2 * VEC elements of ~V), and nothing when V and the row strides are multiples of VEC. The forward is
+fully vectorized for any V. The backward aligns to the gradient rows (128-bit stores); its loads are 128-bit too when
+the logits rows have the same alignment (in place, contiguous logits, or V a multiple of VEC) and otherwise, for an odd
+V on strided ``logits[:, :-1]``, scalar (coalesced 16/32-bit) loads. The logits base pointer itself must be 16-byte
+aligned for any vector access (``logits[:, 1:]`` of an odd V is not). benchmarks/results/codegen-sm90.md lists what
+the compiler makes of each case.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ from .._validate import (
 if triton_available():
     import triton
     import triton.language as tl
+
+    from .._triton_rounding import to_rne
 else:  # pragma: no cover
     triton = None
     tl = None
@@ -57,8 +69,39 @@ def _launch_config(vocab_size: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def _vector_elems(t: torch.Tensor) -> int:
+    """Elements of ``t`` in one 16-byte (128-bit) vector."""
+    return 16 // t.element_size()
+
+
+def _same_phase(a: RowLayout, b: RowLayout, vec: int) -> bool:
+    """Whether every row of layout ``a`` starts at the same offset modulo ``vec`` as the same row of layout ``b``."""
+    if a == b:
+        return True
+    return all(x % vec == 0 for x in (a.stride_outer, a.stride_inner, b.stride_outer, b.stride_inner))
+
+
 # ----------------------------------------------------------------------------------------------------------- kernels
 if triton is not None:
+
+    @triton.jit
+    def _aligned_span(row_off, V, VEC: tl.constexpr):
+        """(head, n_main): row elements [head, head + n_main) start on a VEC-element (16-byte) boundary of a 16-byte
+        aligned base and are whole vectors; the head before them and the tail after them are < VEC elements each."""
+        head = tl.minimum((VEC - (row_off % VEC).to(tl.int32)) % VEC, V)  # 32-bit column math (V < 2**31)
+        return head, (V - head) // VEC * VEC
+
+    @triton.jit
+    def _edge_cols(head, n_main, VEC: tl.constexpr):
+        """Columns of the head [0, head) and the tail [head + n_main, V) together in one 2*VEC block."""
+        e = tl.arange(0, 2 * VEC)
+        return tl.where(e < VEC, e, head + n_main + e - VEC)
+
+    @triton.jit
+    def _edge_mask(cols, head, V, VEC: tl.constexpr):
+        """Which of the ``_edge_cols`` lie in the head [0, head) or the tail (< V); head = V = 0 masks them all."""
+        e = tl.arange(0, 2 * VEC)
+        return ((e < VEC) & (e < head)) | ((e >= VEC) & (cols < V))
 
     @triton.jit
     def _token_logprobs_fwd_kernel(
@@ -73,19 +116,32 @@ if triton is not None:
         inv_temp,
         ignore_index,
         BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
-        row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-        # Ignored rows run zero iterations: no vocabulary work at all.
-        v_end = tl.where(ignored, 0, V)
+        row_off = (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+        row_ptr = logits_ptr + row_off
+        # The main loop reads whole aligned vectors (128-bit loads, whatever V and the row strides are); the few
+        # elements before and after it are read once at the end. Ignored rows run zero iterations: no vocabulary work.
+        head, n_main = _aligned_span(row_off, V, VEC)
+        n_edge = tl.where(ignored, 0, V - n_main)
+        n_main = tl.where(ignored, 0, n_main)
+        main_ptr = logits_ptr + tl.multiple_of(row_off + head, VEC)
         offs = tl.arange(0, BLOCK_V)
         m = float("-inf")
         s = 0.0
-        for start in range(0, v_end, BLOCK_V):
+        for start in range(0, n_main, BLOCK_V):
             cols = start + offs
-            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+            x = tl.load(main_ptr + cols, mask=cols < n_main, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        if n_edge > 0:
+            cols = _edge_cols(head, n_main, VEC)
+            x = tl.load(row_ptr + cols, mask=_edge_mask(cols, head, V, VEC), other=float("-inf"))
+            x = x.to(tl.float32) * inv_temp
             m_new = tl.maximum(m, tl.max(x, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
@@ -112,6 +168,8 @@ if triton is not None:
         inv_temp,
         ignore_index,
         BLOCK_V: tl.constexpr,
+        VEC: tl.constexpr,
+        SAME_PHASE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
@@ -119,19 +177,37 @@ if triton is not None:
         lse = tl.load(lse_ptr + row)
         # Ignored rows and rows with a zero upstream gradient (masked tokens) never read the logits.
         active = (label != ignore_index) & (g != 0.0)
-        v_read = tl.where(active, V, 0)  # reads are predicated off for inactive rows
         scale = g * inv_temp
-        row_ptr = logits_ptr + (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
-        grad_row_ptr = grad_ptr + (row // g_n_inner) * g_stride_outer + (row % g_n_inner) * g_stride_inner
-        offs = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            in_vocab = cols < V
-            x = tl.load(row_ptr + cols, mask=cols < v_read, other=0.0).to(tl.float32) * inv_temp
-            p = tl.exp(x - lse)
-            grad = scale * (tl.where(cols == label, 1.0, 0.0) - p)
+        x_off = (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+        g_off = (row // g_n_inner) * g_stride_outer + (row % g_n_inner) * g_stride_inner
+        # Aligned to the gradient row (vector stores). The loads are vectors too when every logits row sits at the
+        # same offset modulo VEC as its gradient row (SAME_PHASE: in place, or both layouts' strides multiples of VEC).
+        head, n_main = _aligned_span(g_off, V, VEC)
+        g_main = grad_ptr + tl.multiple_of(g_off + head, VEC)
+        if SAME_PHASE:
+            x_main = logits_ptr + tl.multiple_of(x_off + head, VEC)
+        else:
+            x_main = logits_ptr + x_off + head
+        # The < VEC elements before the first and after the last aligned vector (none when rows are aligned),
+        # first, so that nothing they need stays live through the main loop.
+        if n_main < V:
+            cols = _edge_cols(head, n_main, VEC)
+            read = _edge_mask(cols, tl.where(active, head, 0), tl.where(active, V, 0), VEC)
+            x = tl.load(logits_ptr + x_off + cols, mask=read, other=0.0).to(tl.float32) * inv_temp
+            grad = scale * (tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse))
             grad = tl.where(active, grad, 0.0)
-            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+            tl.store(
+                grad_ptr + g_off + cols, to_rne(grad, grad_ptr.dtype.element_ty), mask=_edge_mask(cols, head, V, VEC)
+            )
+        label_col = (label - head).to(tl.int32)  # labels are checked to be in [0, V) or ignore_index on the host
+        n_read = tl.where(active, n_main, 0)  # reads are predicated off for inactive rows
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, n_main, BLOCK_V):
+            cols = start + offs
+            x = tl.load(x_main + cols, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temp
+            grad = scale * (tl.where(cols == label_col, 1.0, 0.0) - tl.exp(x - lse))
+            grad = tl.where(active, grad, 0.0)
+            tl.store(g_main + cols, to_rne(grad, grad_ptr.dtype.element_ty), mask=cols < n_main)
 
 
 # ------------------------------------------------------------------------------------------------------ row layouts
@@ -203,6 +279,7 @@ def logprobs_forward(
         1.0 / temperature,
         ignore_index,
         BLOCK_V=block,
+        VEC=_vector_elems(logits),
         num_warps=num_warps,
     )
     return logp, lse
@@ -246,6 +323,8 @@ def logprobs_backward(
         1.0 / temperature,
         ignore_index,
         BLOCK_V=block,
+        VEC=_vector_elems(logits),
+        SAME_PHASE=_same_phase(layout, g_layout, _vector_elems(logits)),
         num_warps=num_warps,
     )
     return grad

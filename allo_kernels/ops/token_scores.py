@@ -15,15 +15,20 @@ Selection and weights are constants for autograd (as in the official ALLO code),
 log-prob kernel is simply dL/dlogp_t = g_b * keep_t * w_t (+ any direct use of ``logprobs``): one backward read of
 the logits, and masked tokens (zero gradient) do not even read their row.
 
-The selection runs in a Triton epilogue kernel without a host sync or a Python loop. Each token's rank within its
-scope is counted directly:
+The selection needs no host sync and no Python loop: one stable sort per scope orders the valid tokens by
 
-    rank_i = #{ j valid : key_j > key_i  or  (key_j == key_i and j < i) },   key = +reward ("highest") or -reward
-    masked_i = valid_i and rank_i < k_scope
+    sort key = (class, key, position),   key = +reward ("highest") or -reward ("lowest"), descending
+    class    = 0 for a valid token with a number as reward (+-inf included), 1 for a valid NaN reward, 2 for ignored
+    masked_i = rank_i < k_scope          (k <= n, so only valid tokens are ever masked)
 
-which is exact, deterministic, and handles ties by position; it costs O(L^2) comparisons per scope of length L
-(T per sequence), negligible next to the O(T * V) log-prob pass for realistic T. k = floor(f * n) is computed in
-float64 by torch on the device, identically for the kernel and the reference.
+so exactly k = floor(f * n) tokens are masked, ties go to the earlier position, and a NaN reward ranks after every
+number whichever ``mask_by``: it is masked only when k exceeds the number of valid non-NaN tokens of its scope (and
+stays in the loss, where the NaN shows, rather than being hidden by the mask). -0.0 and +0.0 tie.
+On the Triton path one elementwise kernel computes the rewards and packs the sort key into an int64
+(``class << 32 | order-preserving bits of the fp32 key``); ``torch.sort(stable=True)`` (a segmented radix sort on the
+GPU) and one scatter give the mask: O(L log L) per scope of length L, where counting ranks pairwise costs O(L^2)
+(~1e9 comparisons for a 32k-token batch scope). The torch reference implements the same order with two stable float
+sorts. k = floor(f * n) is computed in float64 by torch on the device, identically for both.
 """
 
 from __future__ import annotations
@@ -87,57 +92,45 @@ class TokenScores:
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
+# Elements per program of the reward / sort-key kernel.
+SELECT_BLOCK = 1024
+
 if triton is not None:
 
     @triton.jit
-    def _select_kernel(
+    def _select_key_kernel(
         logp_ptr,
         ref_ptr,
         labels_ptr,
-        k_ptr,
         rewards_ptr,
-        masked_ptr,
-        L,
+        sort_key_ptr,
+        n,
         beta,
         ignore_index,
         HIGHEST: tl.constexpr,
-        BLOCK_I: tl.constexpr,
-        BLOCK_J: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
-        """One program per (scope, block of positions i). Inputs are contiguous [S, L] (S scopes of length L)."""
-        scope = tl.program_id(0).to(tl.int64)
-        base = scope * L
-        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        in_i = i < L
-        valid_i = (tl.load(labels_ptr + base + i, mask=in_i, other=ignore_index) != ignore_index) & in_i
-        logp_i = tl.load(logp_ptr + base + i, mask=in_i, other=0.0)
-        ref_i = tl.load(ref_ptr + base + i, mask=in_i, other=0.0)
-        reward_i = tl.where(valid_i, beta * (logp_i - ref_i), 0.0)
-        tl.store(rewards_ptr + base + i, reward_i, mask=in_i)
+        """Rewards and the int64 sort key (ascending = masking order) of n tokens (flat, contiguous)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_n = i < n
+        valid = tl.load(labels_ptr + i, mask=in_n, other=ignore_index) != ignore_index
+        logp = tl.load(logp_ptr + i, mask=in_n, other=0.0)
+        ref = tl.load(ref_ptr + i, mask=in_n, other=0.0)
+        reward = tl.where(valid, beta * (logp - ref), 0.0)
+        tl.store(rewards_ptr + i, reward, mask=in_n)
         if HIGHEST:
-            key_i = reward_i
+            key = reward + 0.0  # + 0.0 turns -0.0 into +0.0: zeros of either sign tie
         else:
-            key_i = -reward_i
-
-        k = tl.load(k_ptr + scope)
-        count = tl.zeros([BLOCK_I], dtype=tl.int32)
-        j_end = tl.where(k > 0, L, 0).to(tl.int32)  # nothing to rank when nothing is masked
-        for j_start in range(0, j_end, BLOCK_J):
-            j = j_start + tl.arange(0, BLOCK_J)
-            in_j = j < L
-            valid_j = (tl.load(labels_ptr + base + j, mask=in_j, other=ignore_index) != ignore_index) & in_j
-            logp_j = tl.load(logp_ptr + base + j, mask=in_j, other=0.0)
-            ref_j = tl.load(ref_ptr + base + j, mask=in_j, other=0.0)
-            reward_j = beta * (logp_j - ref_j)
-            if HIGHEST:
-                key_j = reward_j
-            else:
-                key_j = -reward_j
-            ahead = (key_j[None, :] > key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
-            ahead = ahead & valid_j[None, :]
-            count += tl.sum(ahead.to(tl.int32), axis=1)
-        masked = valid_i & (count < k)
-        tl.store(masked_ptr + base + i, masked.to(tl.int8), mask=in_i)
+            key = 0.0 - reward
+        # fp32 bits -> an unsigned integer of the same order (negative: flip all bits; positive: flip the sign bit),
+        # inverted so that ascending integers are descending keys.
+        bits = key.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) | -2147483648)
+        descending = (~ordered).to(tl.uint32, bitcast=True).to(tl.int64)
+        is_nan = key != key
+        cls = tl.where(valid, tl.where(is_nan, 1, 0), 2).to(tl.int64)
+        sort_key = (cls << 32) | tl.where(valid & ~is_nan, descending, 0)
+        tl.store(sort_key_ptr + i, sort_key, mask=in_n)
 
 
 def _select_triton(
@@ -153,27 +146,27 @@ def _select_triton(
     """logp/ref/labels contiguous [S, L], k [S] int64. Returns (rewards fp32 [S, L], masked bool [S, L])."""
     S, L = logp.shape
     rewards = torch.empty_like(logp)
-    masked = torch.empty((S, L), dtype=torch.int8, device=logp.device)
+    masked = torch.zeros((S, L), dtype=torch.bool, device=logp.device)
     if S * L == 0:
-        return rewards, masked.bool()
-    block_i = min(64, triton.next_power_of_2(L))
-    block_j = min(128, triton.next_power_of_2(L))
-    _select_kernel[(S, triton.cdiv(L, block_i))](
+        return rewards, masked
+    sort_key = torch.empty((S, L), dtype=torch.int64, device=logp.device)
+    _select_key_kernel[(triton.cdiv(S * L, SELECT_BLOCK),)](
         logp,
         ref,
         labels,
-        k,
         rewards,
-        masked,
-        L,
+        sort_key,
+        S * L,
         beta,
         ignore_index,
         HIGHEST=highest,
-        BLOCK_I=block_i,
-        BLOCK_J=block_j,
+        BLOCK=SELECT_BLOCK,
         num_warps=4,
     )
-    return rewards, masked.view(torch.bool)
+    order = torch.sort(sort_key, dim=-1, stable=True).indices
+    position = torch.arange(L, device=logp.device)
+    masked.scatter_(-1, order, position < k[:, None])
+    return rewards, masked
 
 
 def _select_reference(
@@ -186,12 +179,15 @@ def _select_reference(
     ignore_index: int,
     highest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as _select_triton, with a stable sort (equal keys keep their order: earlier position first)."""
+    """Same contract as _select_triton, written with float keys and two stable sorts (equal keys keep their order)."""
     valid = labels != ignore_index
     rewards = torch.where(valid, beta * (logp - ref), torch.zeros_like(logp))
     key = rewards if highest else -rewards
-    key = torch.where(valid, key, torch.full_like(key, float("-inf")))  # invalid tokens rank last
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    number = valid & ~torch.isnan(key)
+    key = torch.where(number, key + 0.0, torch.zeros_like(key))  # + 0.0: -0.0 becomes +0.0, so zeros tie
+    by_key = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    cls = torch.where(valid, torch.where(number, 0, 1), 2)  # numbers, then NaN rewards, then ignored tokens
+    order = by_key.gather(-1, torch.sort(cls.gather(-1, by_key), dim=-1, stable=True).indices)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order).contiguous())
     masked = valid & (rank < k[:, None])
