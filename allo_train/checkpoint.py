@@ -350,7 +350,7 @@ class CheckpointManager:
             _torch_save(tmp / f"rng_state_{rank}.pt", get_rng_state())
             if write_fn is not None:
                 write_fn(tmp)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:
             if is_disk_full(tmp, e):
                 if is_main:
                     shutil.rmtree(tmp, ignore_errors=True)  # ours and incomplete; give the space back

@@ -146,9 +146,13 @@ def free_bytes(path: Path) -> int | None:
 
 
 def is_disk_full(path: Path, exc: BaseException) -> bool:
-    """Whether ``exc``, raised while writing under ``path``, means the file system is full: errno ENOSPC/EDQUOT, or a
-    write error without errno (C++ streams) while less than ``DISK_FULL_BYTES`` is free."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    """Whether ``exc``, raised while writing under ``path``, means the file system is full: errno ENOSPC/EDQUOT, the
+    system's text for them (safetensors' Rust writer raises ``SafetensorError: ... No space left on device``), or a
+    write error without errno (C++ streams: ``basic_ios::clear``) while less than ``DISK_FULL_BYTES`` is free."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    if os.strerror(errno.ENOSPC) in text or os.strerror(errno.EDQUOT) in text:
         return True
     if isinstance(exc, (OSError, RuntimeError)):
         free = free_bytes(path)
@@ -169,7 +173,7 @@ def naming_write_errors(path: Path, what: str = "writing") -> Iterator[None]:
         yield
     except DiskFullError:
         raise
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:
         if is_disk_full(Path(path), exc):
             raise disk_full_error(Path(path), exc, what) from exc
         raise

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_EXCLUDE
-from .files import apply_umask
+from .files import apply_umask, naming_write_errors
 
 GRANULARITIES = ("element", "row", "layer")
 SCOPES = ("global", "per_matrix")
@@ -434,7 +434,8 @@ def plot_mask_heatmap(stats: Mapping, path: str | Path, *, title: str | None = N
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
+    with naming_write_errors(tmp):
+        write(tmp)
     apply_umask(tmp)
     os.replace(tmp, path)
     return path

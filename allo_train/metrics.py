@@ -205,6 +205,7 @@ def plot_loss_curves(
         ax.legend()
         fig.tight_layout()
         path = out_dir / f"loss_{stage}.png"
-        fig.savefig(path, format="png", dpi=100)
+        with naming_write_errors(path):
+            fig.savefig(path, format="png", dpi=100)
         written.append(path)
     return written

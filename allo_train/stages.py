@@ -719,5 +719,5 @@ def run_pipeline(cfg: TrainConfig) -> list[Path]:
             outputs.append(_run_stage(run, stage))
         if run.rank == 0:
             summary = {s: str(p) for s, p in zip(cfg.pipeline.stages, outputs)}
-            (Path(cfg.output_dir) / "pipeline.json").write_text(json.dumps(summary, indent=2))
+            write_durable(Path(cfg.output_dir) / "pipeline.json", json.dumps(summary, indent=2).encode())
     return outputs

@@ -382,3 +382,26 @@ def test_swapping_a_directory_in_never_leaves_a_half_deleted_one(tmp_path, monke
     files.swap_in_dir(new, final)
     assert (final / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_full_disk_while_saving_the_final_model_keeps_the_old_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from allo_train.model import save_pretrained_atomic
+
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda d, **kw: save_file({"w": torch.zeros(2)}, f"{d}/model.safetensors")
+    out = save_pretrained_atomic(model, None, tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+    def onto_full_device(d):
+        # What safetensors' Rust writer raised on a full 64 kB tmpfs (it writes a temporary file and renames it, so
+        # /dev/full cannot stand in here: it would be replaced).
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(DiskFullError, match=r"no space left on device while saving the model into .*\.tmp-model-"):
+        save_pretrained_atomic(model, None, out, write_extra=onto_full_device)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the old model stays, the partial one is gone
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
