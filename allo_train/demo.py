@@ -30,6 +30,7 @@ Output directory (:func:`prepare_output_dir`): the demo writes only the entries 
 directory it made with ``.allo-demo``. A rerun replaces those entries and nothing else; a non-empty directory without
 the marker is refused unless ``overwrite=True`` (``--overwrite``), which still replaces only the demo's entries and is
 refused for the current directory or any directory above it, the home directory, and a directory holding ``.git``.
+The demo holds the directory's ``.allo-train.lock`` (``lock.py``) while it runs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 
 from .errors import AlloTrainError
+from .lock import LOCK_FILE, hold_output_dir
 
 CHARS = "0123456789+="
 DEMO_MARKER = ".allo-demo"
@@ -439,13 +441,12 @@ def _shown(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} entries)" if len(names) > n else "")
 
 
-def prepare_output_dir(out: Path, *, overwrite: bool = False) -> Path:
-    """Make ``out`` ready for the demo without deleting anything the demo did not write (see the module docstring).
-    Returns ``out``; raises :class:`DemoOutputDirError` when ``out`` must not be used."""
-    out = Path(out)
+def check_output_dir(out: Path, *, overwrite: bool = False) -> None:
+    """Raise :class:`DemoOutputDirError` when the demo must not write into ``out`` (see the module docstring); writes
+    nothing."""
     if out.exists() and not out.is_dir():
         raise DemoOutputDirError(f"demo: --output-dir {out} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.exists() else []
     if entries and not (out / DEMO_MARKER).is_file():
         if not overwrite:
             raise DemoOutputDirError(
@@ -460,6 +461,13 @@ def prepare_output_dir(out: Path, *, overwrite: bool = False) -> Path:
                 f"demo: refusing --output-dir {out} even with --overwrite: it is the current directory, a directory "
                 "above it, the home directory or a git checkout; choose a new directory"
             )
+
+
+def prepare_output_dir(out: Path, *, overwrite: bool = False) -> Path:
+    """:func:`check_output_dir`, then mark ``out`` as the demo's and remove the demo's own entries from a previous run
+    (nothing else). Returns ``out``."""
+    out = Path(out)
+    check_output_dir(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("written by `allo-train demo`; a rerun replaces only the demo's own entries\n")
     for name in DEMO_ENTRIES:
@@ -486,10 +494,13 @@ def run_demo(
 
     Torch runs on one thread meanwhile: the model is so small that a second thread only adds synchronisation, and on
     a busy 2-core machine OpenMP threads that wait on each other make every step many times slower."""
+    out = Path(output_dir)
+    check_output_dir(out, overwrite=overwrite)  # before the lock file is created in a directory that is not ours
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(prepare_output_dir(Path(output_dir), overwrite=overwrite), seed, quick, overrides or {})
+        with hold_output_dir(out):  # two demos on one directory would delete each other's entries
+            return _run_demo(prepare_output_dir(out, overwrite=overwrite), seed, quick, overrides or {})
     finally:
         torch.set_num_threads(threads)
 

@@ -98,7 +98,7 @@ def test_demo_writes_only_its_own_entries(demo):
     from allo_train.demo import DEMO_ENTRIES, DEMO_MARKER
 
     out, _ = demo
-    assert {p.name for p in out.iterdir()} == {*DEMO_ENTRIES, DEMO_MARKER}
+    assert {p.name for p in out.iterdir()} == {*DEMO_ENTRIES, DEMO_MARKER, ".allo-train.lock"}
 
 
 # ---- issue 11.8: the demo never deletes what it did not write
