@@ -520,7 +520,7 @@ def _first(names: Sequence[str], n: int = 10) -> str:
 
 
 def check_masks_match_model(
-    masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, source: str = "the masks"
+    masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, source: str = "masks"
 ) -> None:
     """Validate a mask set against the model it will train, before training: every mask names a parameter of the
     model, every parameter has a mask (all-False freezes it; a missing mask is not read as "train densely"), and
@@ -529,7 +529,7 @@ def check_masks_match_model(
     unknown = [n for n in masks if n not in params]
     if unknown:
         raise ValueError(
-            f"{source} name {len(unknown)} parameter(s) the model does not have: {_first(unknown)} (the masks were "
+            f"{source}: {len(unknown)} mask(s) name parameters the model does not have: {_first(unknown)} (masks "
             f"made for another model?); the model's parameters are e.g. {_first(list(params), 3)}"
         )
     by_tensor: dict[int, list[str]] = {}
@@ -538,7 +538,7 @@ def check_masks_match_model(
     missing = [names[0] for names in by_tensor.values() if not any(n in masks for n in names)]
     if missing:
         raise ValueError(
-            f"{source} have no mask for {len(missing)} parameter(s) of the model: {_first(missing)}; give every "
+            f"{source}: no mask for {len(missing)} parameter(s) of the model: {_first(missing)}; give every "
             "parameter a mask (an all-False mask keeps it frozen, as locate writes for excluded parameters)"
         )
     for name, mask in masks.items():

@@ -343,7 +343,7 @@ def _reduce_metrics(sums: dict[str, float], count: int, world_size: int, device:
 
 
 def train_stage(
-    run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None, masks_source: str = "the masks"
+    run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None, masks_source: str = "masks"
 ) -> Path:
     cfg, args = run.cfg, getattr(run.cfg, stage)
     in_dir, out_dir, stage_dir = input_model_dir(cfg, stage), model_dir(cfg, stage), cfg.stage_dir(stage)
@@ -364,7 +364,7 @@ def train_stage(
     settings = training_settings(cfg, stage)
     settings["input_model"] = str(in_dir)
     if masks is not None:
-        settings["masks (sha256)"] = masks_digest(masks)
+        settings["masks_sha256"] = masks_digest(masks)
     ckpts = CheckpointManager(stage_dir / "checkpoints", save_total_limit=cfg.save_total_limit)
     ckpt = resume_checkpoint(run, stage, ckpts, settings) if cfg.resume_from_checkpoint else None
 
@@ -653,7 +653,7 @@ def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
     masks = select_masks(
         importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope, exclude=cfg.locate.exclude
     )
-    return masks, f"the masks re-selected at {stage}.ratio={ratio} from {loc / 'importance.safetensors'}"
+    return masks, f"masks re-selected at {stage}.ratio={ratio} from {loc / 'importance.safetensors'}"
 
 
 # ----------------------------------------------------------------------------------------------------- entry points

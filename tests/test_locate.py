@@ -237,14 +237,14 @@ def test_masks_are_checked_against_the_model_before_training():
 
     # The masks of another model: unknown names.
     other = {n.replace("model.layers", "transformer.h"): m for n, m in masks.items()}
-    with pytest.raises(ValueError, match=r"m\.safetensors name 2 parameter\(s\) the model does not have: "):
+    with pytest.raises(ValueError, match=r"m\.safetensors: 2 mask\(s\) name parameters the model does not have: "):
         L.check_masks_match_model(other, model, source="masks file m.safetensors")
     # Missing lm_head / embeddings / norms: an error, never "train densely".
     partial = {n: m for n, m in masks.items() if n.startswith("model.layers")}
     with pytest.raises(ValueError) as info:
         L.check_masks_match_model(partial, model, source="masks file m.safetensors")
     msg = str(info.value)
-    assert "have no mask for 4 parameter(s) of the model" in msg
+    assert msg.startswith("masks file m.safetensors: no mask for 4 parameter(s) of the model: ")
     for name in ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight"):
         assert name in msg
     # Wrong shapes, including all-True and all-False masks (shape is checked before any value is read).

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from test_train_pipeline import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,34 +52,20 @@ def assets(tmp_path_factory):
 
 
 def forget_config(assets: Path, out: Path, **extra) -> Path:
-    """A forget-only run in ``out`` (the located masks copied in): 4 steps, a checkpoint after each."""
+    """A forget-only run in ``out`` (the located masks copied in): 4 steps, a checkpoint after each. ``extra``
+    sections are merged into the defaults."""
     (out / "locate").mkdir(parents=True, exist_ok=True)
     for f in (assets / "locate").iterdir():
         shutil.copy(f, out / "locate" / f.name)
-    cfg = {
-        "model_name_or_path": str(assets / "base"),
-        "output_dir": str(out),
-        "learning_rate": 2e-3,
-        "per_device_train_batch_size": 2,
-        "max_steps": 4,
-        "logging_steps": 1,
-        "save_steps": 1,
-        "save_total_limit": 3,
-        "max_length": 24,
-        "max_prompt_length": 12,
-        "eval_fraction": 0.25,
-        "lr_scheduler_type": "constant",
-        "deepspeed": {"zero_optimization": {"stage": 0}},
+    sections = {
         "pipeline": {"stages": ["forget"]},
         "locate": {"ratio": 0.1, "granularity": "row"},
         "forget": {"data_path": str(assets / "forget.jsonl"), "token_weight_source": "corrected"},
         "improve": {"data_path": str(assets / "pref.jsonl"), "mask_fraction": 0.5},
     }
     for key, value in extra.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+        sections[key] = {**sections[key], **value} if key in sections else value
+    return write_config(assets, out, {"stage": 0}, **{"save_steps": 1, "save_total_limit": 3, **sections})
 
 
 def cli_env(tmpdir: Path | None = None, **extra: str) -> dict:
@@ -326,9 +312,7 @@ def test_masks_without_lm_head_embeddings_and_norms_are_refused(assets, tmp_path
     r = run_cli("forget", "--config", str(cfg))
     assert r.returncode != 0
     n_missing = len(masks) - len(decoder_only)
-    assert (
-        f"masks file {out}/locate/masks.safetensors have no mask for {n_missing} parameter(s) of the model" in r.stderr
-    )
+    assert f"masks file {out}/locate/masks.safetensors: no mask for {n_missing} parameter(s) of the model" in r.stderr
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert name in r.stderr
     assert not (out / "forget" / "model").exists()
