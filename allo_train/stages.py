@@ -688,10 +688,12 @@ def clear_stage_done(run: Run, stage: str) -> None:
 
 
 def mark_stage_done(cfg: TrainConfig, stage: str, output: Path) -> None:
-    """Written (atomically) after the stage's output is complete and in place."""
+    """Written (atomically) after the stage's output is complete and in place; the output is named relative to the
+    stage directory, so an output directory can be moved."""
     done = cfg.stage_dir(stage) / STAGE_DONE_FILE
     tmp = done.with_name(f".{done.name}.tmp-{os.getpid()}")
-    write_durable(tmp, json.dumps({"stage": stage, "output": str(output)}).encode())
+    relative = os.path.relpath(output, done.parent)
+    write_durable(tmp, json.dumps({"stage": stage, "output": relative}).encode())
     os.replace(tmp, done)
 
 
@@ -699,7 +701,7 @@ def stage_done(cfg: TrainConfig, stage: str) -> Path | None:
     """The stage's output when the stage finished (its ``stage_done.json`` exists and the output is there)."""
     done = cfg.stage_dir(stage) / STAGE_DONE_FILE
     try:
-        output = Path(json.loads(done.read_bytes())["output"])
+        output = done.parent / json.loads(done.read_bytes())["output"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return output if output.exists() else None
