@@ -8,6 +8,7 @@ corrupted optimizer shard) is in test_train_pipeline.py.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -253,7 +254,7 @@ def test_a_second_run_on_the_same_output_dir_stops_and_names_the_first(assets, t
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 180
         while True:
             assert first.poll() is None, "the first run ended early"
             assert time.monotonic() < deadline, "the first run never took the lock"
@@ -263,7 +264,8 @@ def test_a_second_run_on_the_same_output_dir_stops_and_names_the_first(assets, t
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
-        r = run_cli("forget", "--config", str(cfg))
+        first.send_signal(signal.SIGSTOP)  # paused: it keeps its lock and leaves the CPU to the second run
+        r = run_cli("forget", "--config", str(cfg), timeout=240)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-4000:]
         (error,) = [line for line in r.stderr.splitlines() if line.startswith("allo-train: error:")]
         assert f"output_dir {out} is in use by another allo-train run (pid {first.pid} on host" in error
@@ -272,7 +274,7 @@ def test_a_second_run_on_the_same_output_dir_stops_and_names_the_first(assets, t
         with pytest.raises(Exception, match="in use"):
             OutputDirLock(out).acquire()
     finally:
-        first.kill()  # SIGKILL: the operating system releases the lock
+        first.kill()  # SIGKILL (a stopped process dies too): the operating system releases the lock
         first.wait()
     OutputDirLock(out).acquire().release()
 
