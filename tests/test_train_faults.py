@@ -270,7 +270,7 @@ def test_a_second_run_on_the_same_output_dir_stops_and_names_the_first(assets, t
         (error,) = [line for line in r.stderr.splitlines() if line.startswith("allo-train: error:")]
         assert f"output_dir {out} is in use by another allo-train run (pid {first.pid} on host" in error
         assert socket.gethostname() in error and "started 20" in error and "allo_train.cli forget --config" in error
-        assert first.poll() is None  # the first run goes on
+        assert first.poll() is None  # the first run is alive, holding its lock
         with pytest.raises(Exception, match="in use"):
             OutputDirLock(out).acquire()
     finally:
