@@ -3,7 +3,10 @@
     allo-train pipeline --config cfg.yaml [key=value | --key value ...]
     allo-train warmup|locate|forget|improve|sft|correct --config cfg.yaml [overrides] [--resume]
     allo-train correct-answers --model DIR --input answers.jsonl --output corrected.jsonl
-    allo-train demo [--output-dir DIR] [--seed N]
+    allo-train demo [--output-dir DIR] [--seed N] [--overwrite]
+
+A run stops with one line "allo-train: error: ..." (exit 2) when it cannot go on safely: the output directory is in use
+by another run, no checkpoint verifies, a checkpoint was written under other training settings, the disk is full.
 
 Multi-process: ``deepspeed --num_gpus N -m allo_train.cli pipeline --config cfg.yaml`` or
 ``torchrun --nproc_per_node N -m allo_train.cli ...``; on CPU the gloo backend is used.
@@ -57,12 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=(*STAGES, "pipeline", "correct-answers", "demo"))
     parser.add_argument("--config", help="YAML config (TRL field names; see README)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint that verifies; skip finished stages"
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: continue a checkpoint written under other training settings (listed when resuming)",
+    )
     parser.add_argument("--model", help="correct-answers: the trained corrector's directory")
     parser.add_argument("--input", help="correct-answers: JSONL of {question, answer}")
     parser.add_argument("--output", help="correct-answers: where to write the corrected JSONL")
     parser.add_argument("--output-dir", help="demo: where to write the demo's data, models and plots")
     parser.add_argument("--seed", type=int, default=0, help="demo: seed of data, initialisation and sampling")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="demo: write into a non-empty --output-dir it did not create (replacing only the demo's own entries)",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
 
@@ -73,10 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         n = correct_answers(args.model, args.input, args.output)
         print(f"[allo-train] corrected {n} answers -> {args.output}")
         return 0
+    from .errors import AlloTrainError
+
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output_dir or "demo_out", seed=args.seed)
+        try:
+            run_demo(args.output_dir or "demo_out", seed=args.seed, overwrite=args.overwrite)
+        except AlloTrainError as exc:
+            print(f"allo-train: error: {exc}", file=sys.stderr)
+            return 2
         return 0
 
     from .config import load_config
@@ -88,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.resume:
         cfg.resume_from_checkpoint = True
+    if args.allow_config_change:
+        cfg.allow_config_change = True
     try:
         if args.command == "pipeline":
             run_pipeline(cfg)
         else:
             run_stage(cfg, args.command)
+    except AlloTrainError as exc:
+        print(f"allo-train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         import torch.distributed as dist
 

@@ -36,6 +36,8 @@ from typing import Any, Union
 
 import yaml
 
+from .errors import AlloTrainError
+
 STAGES = ("sft", "correct", "warmup", "locate", "forget", "improve")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -185,7 +187,8 @@ class TrainConfig:
     eval_fraction: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # held-out share, split by seed
     eval_steps: int | None = field(default=None, metadata=_range(1))  # None: logging_steps
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
-    resume_from_checkpoint: bool | str = False  # True: the latest complete checkpoint in the stage dir
+    resume_from_checkpoint: bool | str = False  # True: the newest verified checkpoint in the stage dir
+    allow_config_change: bool = False  # resume a checkpoint whose training settings differ (see training_settings)
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
@@ -289,6 +292,49 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+# Stage fields that set when things are logged, saved or evaluated, not what is trained: they may change on resume.
+SCHEDULE_ONLY_KEYS = ("logging_steps", "save_steps", "eval_steps")
+
+
+class ConfigChangedError(AlloTrainError):
+    """A checkpoint was written under other training settings than the config of the run that resumes it."""
+
+
+def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
+    """The settings that decide what a training stage computes, as ``{dotted key: value}`` (JSON values).
+
+    The stage section as resolved (its own values and the top-level ones it inherits: learning rate, schedule,
+    batch size, steps, lengths, beta, data path, held-out share, ratio, ...) except ``SCHEDULE_ONLY_KEYS``, plus the
+    top-level ``seed``, ``bf16``, ``tokenizer_name_or_path`` and ``deepspeed.zero_optimization``. Not included:
+    logging/saving/evaluation cadence, ``output_dir``, ``report_to``, ``save_total_limit``,
+    ``gradient_checkpointing`` (same math), ``trust_remote_code``. The caller adds what it resolves itself (the
+    starting model, the masks' digest)."""
+    section = getattr(cfg, stage)
+    out = {f"{stage}.{k}": v for k, v in dataclasses.asdict(section).items() if k not in SCHEDULE_ONLY_KEYS}
+    ds = resolve_deepspeed_config(cfg) or {}
+    out.update(
+        {
+            "seed": cfg.seed,
+            "bf16": cfg.bf16,
+            "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+            "deepspeed.zero_optimization": ds.get("zero_optimization", {"stage": 0}),
+        }
+    )
+    return json.loads(json.dumps(out, default=str))
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"<key>: <saved> (checkpoint) -> <current> (now)"`` for every key whose value differs or is only on one side."""
+    missing = object()
+    lines = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if a != b:
+            show = lambda v: "(not set)" if v is missing else json.dumps(v)  # noqa: E731
+            lines.append(f"{key}: {show(a)} (checkpoint) -> {show(b)} (now)")
+    return lines
 
 
 def resolve_deepspeed_config(cfg: TrainConfig) -> dict | None:

@@ -11,8 +11,15 @@ Formats (one JSON object per line; blank lines are skipped):
 * correction (Aligner): ``{"question", "answer", "correction"}`` strings.
 * SFT (TRL prompt-completion): ``{"prompt", "completion"}`` (the completion field name is configurable).
 
-A malformed line raises ``ValueError`` starting with ``"<file>:<line>:"``; so does a ``token_weights`` length that does
-not match the tokenized response (checked at tokenization, where the token count is known).
+A malformed line raises ``ValueError`` starting with ``"<file>:<line>:"``: bad JSON, bytes that are not UTF-8, a
+missing or mistyped field, ``token_weights`` that are not finite numbers in ``[0, MAX_TOKEN_WEIGHT]``, and a
+``token_weights`` length that does not match the tokenized response (checked at tokenization, where the token count is
+known). A forgetting file in which no example keeps a non-zero token weight (after truncation) is a ``ValueError`` too:
+it would train nothing.
+
+Warnings (one line each, with counts and example lines, on the ``allo_train`` logger): prompts cut to
+``max_prompt_length``, responses cut to ``max_length``, preference pairs whose chosen and rejected tokens are the same
+(DPO gives them loss log 2 and no gradient), forgetting examples whose weights are all zero.
 
 Tokenization. String prompt/response: ``<bos>? + tok(prompt)`` and ``tok(response) + <eos>?`` are tokenized separately
 (``add_special_tokens=False``) and concatenated, as TRL does. Message lists with a tokenizer that has a chat template:
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -51,6 +59,11 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+# Token weights scale a token's forgetting loss; ALLO's are in [0, 1]. Far larger values mean the file holds something
+# else (logits, counts) and would blow the loss up, so they are refused.
+MAX_TOKEN_WEIGHT = 1000.0
+
+log = logging.getLogger("allo_train.data")
 Messages = list  # list[dict[str, str]] with "role" and "content"
 Text = str | Messages
 
@@ -93,15 +106,23 @@ class SFTExample:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield ``("<file>:<line>", object)`` for each non-blank line; bad JSON or a non-object is a ValueError."""
+    """Yield ``("<file>:<line>", object)`` for each non-blank line; bytes that are not UTF-8, bad JSON or a non-object
+    is a ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}, {e.reason}); "
+                    "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -181,18 +202,24 @@ def load_forgetting_jsonl(path: str | Path, *, token_weight_source: str = "token
         prompt = _text(where, obj, "prompt")
         ex = ForgettingExample(prompt=prompt, rejected=_response(where, obj, "rejected", prompt), source=where)
         if token_weight_source == "token_weights":
-            weights = _require(where, obj, "token_weights")
-            if not isinstance(weights, list) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-            ):
-                raise ValueError(
-                    f"{where}: field 'token_weights' must be a list of finite numbers, got {_describe(weights)}"
-                )
-            ex.token_weights = [float(w) for w in weights]
+            ex.token_weights = _token_weights(where, _require(where, obj, "token_weights"))
         elif token_weight_source == "corrected":
             ex.corrected = _response(where, obj, "corrected", prompt)
         out.append(ex)
     return out
+
+
+def _token_weights(where: str, weights: Any) -> list[float]:
+    if not isinstance(weights, list) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+    ):
+        raise ValueError(f"{where}: field 'token_weights' must be a list of finite numbers, got {_describe(weights)}")
+    for i, w in enumerate(weights):
+        if not 0.0 <= w <= MAX_TOKEN_WEIGHT:
+            raise ValueError(
+                f"{where}: field 'token_weights' value {i} is {w!r}; token weights must be in [0, {MAX_TOKEN_WEIGHT:g}]"
+            )
+    return [float(w) for w in weights]
 
 
 def load_correction_jsonl(path: str | Path) -> list[CorrectionExample]:
@@ -282,6 +309,57 @@ def truncate(
     return prompt_ids, response_ids[: max_length - len(prompt_ids)]
 
 
+class _Notes:
+    """Counts of silent surprises in one tokenization pass, each warned once with its count and example lines."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.seen: dict[str, list[str]] = {}
+
+    def add(self, what: str, source: str) -> None:
+        self.seen.setdefault(what, []).append(source)
+
+    def count(self, what: str) -> int:
+        return len(self.seen.get(what, []))
+
+    def warn(self, what: str, message: str) -> None:
+        """``message`` formatted with n, total, file and lines (the first few line numbers)."""
+        sources = self.seen.get(what)
+        if not sources:
+            return
+        file = sources[0].rpartition(":")[0] or "data"
+        lines = ", ".join(s.rpartition(":")[2] for s in sources[:5]) + (", ..." if len(sources) > 5 else "")
+        log.warning(
+            "[allo-train] warning: %s", message.format(n=len(sources), total=self.total, file=file, lines=lines)
+        )
+
+
+def _truncate_noted(
+    notes: _Notes, source: str, prompt_ids: list[int], response_ids: list[int], lengths: dict
+) -> tuple[list[int], list[int]]:
+    """:func:`truncate`, noting a cut prompt ("prompt") and a cut response ("response") of example ``source``."""
+    p, r = truncate(prompt_ids, response_ids, **lengths)
+    if len(p) < len(prompt_ids):
+        notes.add("prompt", source)
+    if len(r) < len(response_ids):
+        notes.add("response", source)
+    return p, r
+
+
+def _warn_truncation(notes: _Notes, lengths: dict, *, examples: str = "examples") -> None:
+    mpl, ml = lengths["max_prompt_length"], lengths["max_length"]
+    notes.warn(
+        "prompt",
+        f"{{file}}: {{n}} of {{total}} {examples} have a prompt longer than max_prompt_length={mpl} tokens; it keeps "
+        f"only its last {mpl} (lines {{lines}})",
+    )
+    notes.warn(
+        "response",
+        f"{{file}}: {{n}} of {{total}} {examples} have a response cut to fit max_length={ml} tokens together with "
+        "its prompt (lines {lines})",
+    )
+
+
 def _features(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list]:
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
@@ -289,16 +367,31 @@ def _features(prompt_ids: list[int], response_ids: list[int]) -> dict[str, list]
 def tokenize_preference(
     examples: Sequence[PreferenceExample], tokenizer, *, max_length: int, max_prompt_length: int
 ) -> list[dict]:
-    """-> ``[{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "source"}]``."""
+    """-> ``[{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "source"}]``. Warns about
+    truncated prompts / responses and about pairs whose chosen and rejected tokens are the same."""
     out = []
+    notes = _Notes(len(examples))
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
     for ex in examples:
         feat: dict[str, Any] = {"source": ex.source}
+        pair_notes = _Notes(0)
         for side in ("chosen", "rejected"):
             p, r, _ = encode_prompt_response(tokenizer, ex.prompt, getattr(ex, side), source=ex.source)
-            p, r = truncate(p, r, max_length=max_length, max_prompt_length=max_prompt_length)
+            p, r = _truncate_noted(pair_notes, ex.source, p, r, lengths)
             f = _features(p, r)
             feat[f"{side}_input_ids"], feat[f"{side}_labels"] = f["input_ids"], f["labels"]
+        for what in ("prompt", "response"):  # once per pair, whichever side was cut
+            if pair_notes.count(what):
+                notes.add(what, ex.source)
+        if feat["chosen_input_ids"] == feat["rejected_input_ids"]:
+            notes.add("same", ex.source)
         out.append(feat)
+    _warn_truncation(notes, lengths, examples="pairs")
+    notes.warn(
+        "same",
+        "{file}: {n} of {total} pairs have the same chosen and rejected tokens after truncation (lines {lines}): "
+        "DPO gives them loss log 2 and no gradient",
+    )
     return out
 
 
@@ -320,8 +413,11 @@ def tokenize_forgetting(
 ) -> list[dict]:
     """-> ``[{"input_ids", "labels", "token_weights"?, "source"}]``. ``token_weights`` (same length as input_ids, 0 on
     the prompt and the appended EOS) comes from the example's ``token_weights`` or ``corrected``; examples with neither
-    (scoring-model source) get no ``token_weights`` key."""
+    (scoring-model source) get no ``token_weights`` key. Examples that keep no non-zero weight are counted in a
+    warning; when that is every example, a ValueError (the stage would train nothing)."""
     out = []
+    notes = _Notes(len(examples))
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
     for ex in examples:
         p, r, n_core = encode_prompt_response(tokenizer, ex.prompt, ex.rejected, source=ex.source)
         weights: list[float] | None = None
@@ -336,21 +432,39 @@ def tokenize_forgetting(
             # Compared with EOS included: a correction that appends text marks the rejected EOS (ended too early).
             _, c, _ = encode_prompt_response(tokenizer, ex.prompt, ex.corrected, source=ex.source)
             weights = corrected_token_weights(r, c)
-        p, r = truncate(p, r, max_length=max_length, max_prompt_length=max_prompt_length)
+        p, r = _truncate_noted(notes, ex.source, p, r, lengths)
         feat: dict[str, Any] = {**_features(p, r), "source": ex.source}
         if weights is not None:
             feat["token_weights"] = [0.0] * len(p) + weights[: len(r)]
+            if not any(feat["token_weights"]):
+                notes.add("zero", ex.source)
         out.append(feat)
+    _warn_truncation(notes, lengths)
+    if out and notes.count("zero") == len(out):
+        file = out[0]["source"].rpartition(":")[0]
+        raise ValueError(
+            f"{file}: every example ({len(out)}) has token weight 0 on all the response tokens it keeps (after "
+            f"truncation to max_length={max_length}): forgetting would train nothing (check token_weights, or "
+            "'corrected' responses equal to 'rejected')"
+        )
+    notes.warn(
+        "zero",
+        "{file}: {n} of {total} examples have token weight 0 on all the response tokens they keep (lines {lines}): "
+        "they add nothing to the forgetting loss",
+    )
     return out
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer, *, max_length: int, max_prompt_length: int) -> list[dict]:
     """-> ``[{"input_ids", "labels", "source"}]``: cross-entropy on completion tokens only."""
     out = []
+    notes = _Notes(len(examples))
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length)
     for ex in examples:
         p, r, _ = encode_prompt_response(tokenizer, ex.prompt, ex.completion, source=ex.source)
-        p, r = truncate(p, r, max_length=max_length, max_prompt_length=max_prompt_length)
+        p, r = _truncate_noted(notes, ex.source, p, r, lengths)
         out.append({**_features(p, r), "source": ex.source})
+    _warn_truncation(notes, lengths)
     return out
 
 

@@ -25,6 +25,12 @@ Everything is made by the program, nothing is downloaded:
 
 Seeds are fixed (``seed`` drives data, initialisation, data order and sampling), so a run repeats itself on the same
 machine and library versions. ``quick=True`` is a much smaller variant for tests.
+
+Output directory (:func:`prepare_output_dir`): the demo writes only the entries in ``DEMO_ENTRIES`` and marks a
+directory it made with ``.allo-demo``. A rerun replaces those entries and nothing else; a non-empty directory without
+the marker is refused unless ``overwrite=True`` (``--overwrite``), which still replaces only the demo's entries and is
+refused for the current directory or any directory above it, the home directory, and a directory holding ``.git``.
+The demo holds the directory's ``.allo-train.lock`` (``lock.py``) while it runs.
 """
 
 from __future__ import annotations
@@ -40,7 +46,26 @@ from pathlib import Path
 
 import torch
 
+from .errors import AlloTrainError
+from .lock import LOCK_FILE, hold_output_dir
+
 CHARS = "0123456789+="
+DEMO_MARKER = ".allo-demo"
+# Everything the demo writes at the top of its output directory; nothing else there is ever touched.
+DEMO_ENTRIES = (
+    "data",
+    "tokenizer",
+    "base",
+    "sft",
+    "allo",
+    "full_dpo",
+    "sft_only",
+    "results.md",
+    "results.json",
+    "accuracy.png",
+    "loss_curves.png",
+    "mask_heatmap.png",
+)
 MAX_NEW_TOKENS = 4  # at most three digits and <eos>
 
 
@@ -408,17 +433,74 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def run_demo(output_dir: str, *, seed: int = 0, quick: bool = False, overrides: dict | None = None) -> dict:
-    """Run the whole demo into ``output_dir`` (replaced if it exists) and return the results as a dict (also in
+class DemoOutputDirError(AlloTrainError):
+    """The demo's output directory holds things the demo did not write."""
+
+
+def _shown(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} entries)" if len(names) > n else "")
+
+
+def check_output_dir(out: Path, *, overwrite: bool = False) -> None:
+    """Raise :class:`DemoOutputDirError` when the demo must not write into ``out`` (see the module docstring); writes
+    nothing."""
+    if out.exists() and not out.is_dir():
+        raise DemoOutputDirError(f"demo: --output-dir {out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.exists() else []
+    if entries and not (out / DEMO_MARKER).is_file():
+        if not overwrite:
+            raise DemoOutputDirError(
+                f"demo: --output-dir {out} is not empty and was not made by the demo (it holds {_shown(entries)}); "
+                "choose a new directory, or pass --overwrite to write the demo's files into it (that replaces only "
+                f"the entries named {', '.join(DEMO_ENTRIES)})"
+            )
+        real = out.resolve()
+        cwd = Path.cwd().resolve()
+        if real == cwd or real in cwd.parents or real == Path.home().resolve() or (real / ".git").exists():
+            raise DemoOutputDirError(
+                f"demo: refusing --output-dir {out} even with --overwrite: it is the current directory, a directory "
+                "above it, the home directory or a git checkout; choose a new directory"
+            )
+
+
+def prepare_output_dir(out: Path, *, overwrite: bool = False) -> Path:
+    """:func:`check_output_dir`, then mark ``out`` as the demo's and remove the demo's own entries from a previous run
+    (nothing else). Returns ``out``."""
+    out = Path(out)
+    check_output_dir(out, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `allo-train demo`; a rerun replaces only the demo's own entries\n")
+    for name in DEMO_ENTRIES:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    return out
+
+
+def run_demo(
+    output_dir: str,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    overrides: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Run the whole demo into ``output_dir`` (see :func:`prepare_output_dir`: a non-empty directory the demo did not
+    make is refused unless ``overwrite``) and return the results as a dict (also in
     ``results.json``): ``rows`` (one per model), ``table`` (markdown), ``data`` (alignment-data counts),
     ``settings``, ``seed``, ``wall_seconds``, ``files``. ``overrides``: DemoSettings fields to change.
 
     Torch runs on one thread meanwhile: the model is so small that a second thread only adds synchronisation, and on
     a busy 2-core machine OpenMP threads that wait on each other make every step many times slower."""
+    out = Path(output_dir)
+    check_output_dir(out, overwrite=overwrite)  # before the lock file is created in a directory that is not ours
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(Path(output_dir), seed, quick, overrides or {})
+        with hold_output_dir(out):  # two demos on one directory would delete each other's entries
+            return _run_demo(prepare_output_dir(out, overwrite=overwrite), seed, quick, overrides or {})
     finally:
         torch.set_num_threads(threads)
 
@@ -430,8 +512,6 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
 
     t0 = time.perf_counter()
     s = replace(QUICK if quick else FULL, **overrides)
-    if out.exists():
-        shutil.rmtree(out)
     (out / "data").mkdir(parents=True)
     _quiet_libraries()
     torch.manual_seed(seed)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 
 import torch
 
@@ -24,14 +23,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
     import torch.distributed as dist
 
-    init_method = None
-    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
-        # A plain single-process run (no launcher): rendezvous through a file, no port to race for.
+    alone = "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
+    if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
-        fd, store = tempfile.mkstemp(prefix="allo-pg-")
-        os.close(fd)
-        os.unlink(store)
-        init_method = f"file://{store}"
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "gloo" and os.environ.get("WORLD_SIZE") == "1":
@@ -40,11 +34,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
             import deepspeed.ops
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if alone:
+            # A plain single-process run (no launcher): an in-memory store, so no port to race for and no
+            # rendezvous file left in /tmp. DeepSpeed adopts an initialised default group as it is.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
             verbose=False,
-            init_method=init_method,
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
         )
@@ -123,20 +120,25 @@ def initialize(
 ):
     """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine.
 
-    masks: {parameter name: bool mask} (names as in ``module.named_parameters()``). Parameters whose mask selects
-    nothing are frozen (requires_grad=False), so ZeRO keeps no fp32 master, gradient or state for them at all;
-    parameters without a mask are trained densely. Returns the engine.
+    masks: {parameter name: bool mask} (names as in ``module.named_parameters()``), or None to train every parameter
+    densely. With masks, a parameter whose mask selects nothing, or that has no mask at all, is frozen
+    (requires_grad=False), so ZeRO keeps no fp32 master, gradient or state for it; a mask whose shape is neither the
+    parameter's nor ``(rows,)`` is a ValueError (checked before anything reads the mask). Returns the engine.
     """
     import deepspeed
 
     from allo_kernels import SparseAdamW
+
+    from .locate import check_mask_shape
 
     params, param_masks = [], {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         mask = None if masks is None else masks.get(name)
-        if mask is not None and not bool(mask.any()):
+        if mask is not None:
+            check_mask_shape(name, mask, tuple(p.shape))
+        if masks is not None and (mask is None or not bool(mask.any())):
             p.requires_grad_(False)
             continue
         params.append(p)

@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_EXCLUDE
+from .files import apply_umask, naming_write_errors
 
 GRANULARITIES = ("element", "row", "layer")
 SCOPES = ("global", "per_matrix")
@@ -432,7 +434,9 @@ def plot_mask_heatmap(stats: Mapping, path: str | Path, *, title: str | None = N
 def _atomic(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
+    with naming_write_errors(tmp):
+        write(tmp)
+    apply_umask(tmp)
     os.replace(tmp, path)
     return path
 
@@ -483,6 +487,62 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         if m.dtype != torch.bool:
             raise ValueError(f"mask {name!r} in {str(path)!r} has dtype {m.dtype}, expected torch.bool")
     return masks
+
+
+def masks_digest(masks: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the masks' names, shapes and values: equal digests, equal masks."""
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        m = masks[name].detach().to("cpu", torch.bool).contiguous()
+        h.update(f"{name}:{tuple(m.shape)}:".encode())
+        h.update(m.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_mask_shape(name: str, mask: torch.Tensor, shape: tuple[int, ...], *, source: str = "") -> None:
+    """A mask is a bool tensor of the parameter's shape (elements) or ``(shape[0],)`` (rows); else ValueError naming
+    the parameter and both shapes. Checked before any use of the values, so an all-True or all-False mask of the
+    wrong shape is caught as well."""
+    where = f" in {source}" if source else ""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask {name!r}{where} has dtype {mask.dtype}, expected torch.bool")
+    mask_shape = tuple(mask.shape)
+    if mask_shape != shape and mask_shape != shape[:1]:
+        raise ValueError(
+            f"mask {name!r}{where} has shape {mask_shape} but the parameter has shape {shape}: a mask must have the "
+            f"parameter's shape (elements) or {shape[:1]} (rows)"
+        )
+
+
+def _first(names: Sequence[str], n: int = 10) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def check_masks_match_model(
+    masks: Mapping[str, torch.Tensor], model: torch.nn.Module, *, source: str = "masks"
+) -> None:
+    """Validate a mask set against the model it will train, before training: every mask names a parameter of the
+    model, every parameter has a mask (all-False freezes it; a missing mask is not read as "train densely"), and
+    every shape fits (:func:`check_mask_shape`). A ValueError names the parameters and the shapes."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unknown = [n for n in masks if n not in params]
+    if unknown:
+        raise ValueError(
+            f"{source}: {len(unknown)} mask(s) name parameters the model does not have: {_first(unknown)} (masks "
+            f"made for another model?); the model's parameters are e.g. {_first(list(params), 3)}"
+        )
+    by_tensor: dict[int, list[str]] = {}
+    for n, p in params.items():  # tied weights: one tensor, several names; a mask under any of them covers it
+        by_tensor.setdefault(id(p), []).append(n)
+    missing = [names[0] for names in by_tensor.values() if not any(n in masks for n in names)]
+    if missing:
+        raise ValueError(
+            f"{source}: no mask for {len(missing)} parameter(s) of the model: {_first(missing)}; give every "
+            "parameter a mask (an all-False mask keeps it frozen, as locate writes for excluded parameters)"
+        )
+    for name, mask in masks.items():
+        check_mask_shape(name, mask, tuple(params[name].shape), source=source)
 
 
 def locate(

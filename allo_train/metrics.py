@@ -4,6 +4,10 @@ Each ``log`` call appends one line ``{"stage": ..., "step": ..., "time": ..., "<
 ``metrics.jsonl`` and flushes it, so a crashed run keeps its curve. Tensors and numpy scalars become floats. Metric
 names follow TRL (``loss``, ``grad_norm``, ``learning_rate``, ``rewards/chosen``, ``logps/rejected``, ...); a
 ``split`` key (``"train"``/``"eval"``) is up to the caller, e.g. ``eval/loss``.
+
+A run that starts (or resumes) at step N opens the logger with ``start_step=N``: the file is first cut back to its
+complete records with ``step <= N`` (:func:`truncate_metrics`), so a torn last line of a crashed run (a kill, a full
+disk) and the records a crashed run wrote after its last checkpoint do not stay in the file, and no step appears twice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .files import naming_write_errors
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,6 +65,7 @@ class MetricsLogger:
         stage: str | None = None,
         enabled: bool | None = None,
         tensorboard: bool = False,
+        start_step: int | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.stage = stage
@@ -70,6 +77,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            truncate_metrics(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (held open until close())
         if tensorboard:
             try:
@@ -87,8 +96,9 @@ class MetricsLogger:
         record: dict[str, Any] = {"stage": stage, "step": int(step), "time": time.time()}
         for name, value in metrics.items():
             record[name] = _scalar(name, value)
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
+        with naming_write_errors(self.path):
+            self._file.write(json.dumps(record, allow_nan=True) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for name, value in record.items():
                 if name in ("step", "time", "stage") or isinstance(value, (str, bool)) or value is None:
@@ -109,6 +119,36 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Cut ``path`` back to its complete records with ``step <= step`` (a torn last line is dropped; an invalid line
+    elsewhere is a ValueError naming it). Rewrites the file only when something goes; returns the records kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    keep: list[bytes] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines):  # no newline after it: the torn last write of a crashed run
+                break
+            raise ValueError(f"{path}:{i}: not a metrics record (invalid JSON or no integer 'step')") from None
+        if record_step <= step:
+            keep.append(line)
+    text = b"".join(line + b"\n" for line in keep)
+    if text != raw:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with naming_write_errors(tmp):
+            tmp.write_bytes(text)
+        os.replace(tmp, path)
+    return len(keep)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -165,6 +205,7 @@ def plot_loss_curves(
         ax.legend()
         fig.tight_layout()
         path = out_dir / f"loss_{stage}.png"
-        fig.savefig(path, format="png", dpi=100)
+        with naming_write_errors(path):
+            fig.savefig(path, format="png", dpi=100)
         written.append(path)
     return written

@@ -7,13 +7,14 @@ never called; under ZeRO-3 the fused op gathers its weight for the forward and t
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import apply_umask, fsync_tree, naming_write_errors, new_temp_dir, swap_in_dir
 
 
 def attention_implementation() -> str:
@@ -89,24 +90,32 @@ class PolicyHiddenStates(nn.Module):
 
 
 def save_pretrained_atomic(
-    model, tokenizer, out_dir: str | Path, *, state_dict: dict | None = None, extra_files: dict[str, Path] | None = None
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    state_dict: dict | None = None,
+    extra_files: dict[str, Path] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """save_pretrained into a temp dir beside ``out_dir``, then rename: a crash never leaves a half-written model."""
+    """save_pretrained into a temp dir beside ``out_dir``, then swap it in (:func:`files.swap_in_dir`): at every
+    moment ``out_dir`` is either absent or a complete model, the old one or the new one. ``extra_files`` are copied
+    in ({name: source}); ``write_extra(tmp_dir)`` writes more files. Directory and files get the modes the umask
+    gives (``files.apply_umask``)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    tmp = new_temp_dir(out_dir.parent, out_dir.name)
     try:
-        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with naming_write_errors(tmp, "saving the model into"):
+            model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            for name, src in (extra_files or {}).items():
+                shutil.copyfile(src, tmp / name)
+            if write_extra is not None:
+                write_extra(tmp)
+            apply_umask(tmp)
+            fsync_tree(tmp)
+        swap_in_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .files import naming_write_errors
+
 
 def cache_key(*, data_path: str | Path, model_dir: str | Path, settings: dict) -> str:
     h = hashlib.sha256()
@@ -72,7 +74,8 @@ def compute_or_load(
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(out, tmp)
+        with naming_write_errors(tmp):
+            torch.save(out, tmp)
         os.replace(tmp, path)
     if world_size > 1:
         dist.barrier()

@@ -8,7 +8,12 @@
 
 Every training stage reads a model directory, trains it with DeepSpeed (SparseAdamW bound to the engine, losses on
 hidden states through the fused-linear kernels, reference log-probs from the on-disk cache), checkpoints atomically
-every ``save_steps`` and writes ``<output_dir>/<stage>/model`` (weights, tokenizer, masks) at the end.
+every ``save_steps`` and writes ``<output_dir>/<stage>/model`` (weights, tokenizer, the masks it trained) at the end;
+then, and only then, ``<output_dir>/<stage>/stage_done.json`` marks the stage finished (a resumed pipeline skips it).
+
+A run holds ``<output_dir>/.allo-train.lock`` (see ``lock.py``) from start to end; on ``--resume`` a stage picks the
+newest checkpoint that verifies against its manifest and whose training settings match the config (see
+``resume_checkpoint``).
 
 Model flow: ``base`` = the sft output when sft is in the pipeline, else ``model_name_or_path``. warmup trains
 ``base``; locate compares ``base`` with the warm-up result; forget trains ``base`` on the located neurons; improve
@@ -18,9 +23,11 @@ trains the forget result (or ``base``) on its neurons. Each stage's reference is
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,16 +36,37 @@ import torch
 import allo_kernels as ak
 
 from . import data as D
-from .checkpoint import CheckpointManager
-from .config import TrainConfig, resolve_deepspeed_config
+from .checkpoint import Checkpoint, CheckpointError, CheckpointManager
+from .config import (
+    ConfigChangedError,
+    TrainConfig,
+    config_to_dict,
+    resolve_deepspeed_config,
+    settings_differences,
+    training_settings,
+)
 from .engine import deepspeed_config, init_distributed, initialize
-from .locate import SafetensorsState, delta_importance, load_importance, locate, save_importance, select_masks
+from .files import write_durable
+from .locate import (
+    MASKS_FILE,
+    SafetensorsState,
+    check_masks_match_model,
+    delta_importance,
+    load_importance,
+    locate,
+    masks_digest,
+    save_importance,
+    save_masks,
+    select_masks,
+)
+from .lock import hold_output_dir
 from .metrics import MetricsLogger, plot_loss_curves
 from .model import PolicyHiddenStates, load_causal_lm, save_pretrained_atomic
 from .refcache import cache_key, compute_or_load
 
 TRAINING_STAGES = ("sft", "correct", "warmup", "forget", "improve")
 CRASH_ENV = "ALLO_TRAIN_CRASH_AFTER"  # test hook "<stage>:<step>": hard-exit after that optimizer step (a kill)
+STAGE_DONE_FILE = "stage_done.json"
 
 
 @dataclass
@@ -55,6 +83,40 @@ class Run:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[allo-train] {message}", flush=True)
+
+
+def rank0_decides(run: Run, fn: Callable[[], object]) -> object:
+    """``fn()`` on rank 0; its result, or the exception it raised, reaches every rank (so a decision that reads the
+    disk is made once, and a refusal stops every rank instead of leaving the others waiting in a collective)."""
+    out: list = [None]
+    if run.rank == 0:
+        try:
+            out[0] = ("ok", fn())
+        except Exception as e:
+            out[0] = ("error", e)
+    if run.world_size > 1:
+        try:
+            torch.distributed.broadcast_object_list(out, src=0)
+        except Exception:  # an unpicklable exception on rank 0: send its text
+            if run.rank == 0:
+                out[0] = ("error", CheckpointError(f"{type(out[0][1]).__name__}: {out[0][1]}"))
+            torch.distributed.broadcast_object_list(out, src=0)
+    kind, value = out[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+@contextmanager
+def output_dir_lock(run: Run) -> Iterator[None]:
+    """Rank 0 holds ``cfg.output_dir``'s lock for the block (one lock per run); every rank stops when it is taken."""
+    with ExitStack() as stack:
+        rank0_decides(run, lambda: stack.enter_context(hold_output_dir(run.cfg.output_dir)) and None)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------- model flow
@@ -280,9 +342,12 @@ def _reduce_metrics(sums: dict[str, float], count: int, world_size: int, device:
     return {k: v / total for k, v in zip(keys, vec[:-1].tolist())}
 
 
-def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None) -> Path:
+def train_stage(
+    run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None = None, masks_source: str = "masks"
+) -> Path:
     cfg, args = run.cfg, getattr(run.cfg, stage)
     in_dir, out_dir, stage_dir = input_model_dir(cfg, stage), model_dir(cfg, stage), cfg.stage_dir(stage)
+    clear_stage_done(run, stage)
     tokenizer = load_tokenizer(cfg, in_dir)
     train, held_out, collator, paired = load_stage_features(stage, cfg, tokenizer, device=run.device)
     if not train:
@@ -291,8 +356,17 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
     lm = load_causal_lm(in_dir, dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+    if masks is not None:
+        check_masks_match_model(masks, lm, source=masks_source)
     module = PolicyHiddenStates(lm)
     named_masks = None if masks is None else {f"lm.{k}": v for k, v in masks.items()}
+
+    settings = training_settings(cfg, stage)
+    settings["input_model"] = str(in_dir)
+    if masks is not None:
+        settings["masks_sha256"] = masks_digest(masks)
+    ckpts = CheckpointManager(stage_dir / "checkpoints", save_total_limit=cfg.save_total_limit)
+    ckpt = resume_checkpoint(run, stage, ckpts, settings) if cfg.resume_from_checkpoint else None
 
     bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     sampler = D.ResumableSampler(len(train), seed=cfg.seed, rank=run.rank, world_size=run.world_size)
@@ -360,19 +434,15 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
     )
     loss_fn = make_loss(stage, cfg, run.device)
 
-    ckpts = CheckpointManager(stage_dir / "checkpoints", save_total_limit=cfg.save_total_limit)
     step = 0
-    resume = cfg.resume_from_checkpoint
-    if resume:
-        ckpt = ckpts.load(None if resume is True else resume, rank=run.rank)
-        if ckpt is not None:
-            engine.load_checkpoint(str(ckpt.path / "deepspeed"), tag="state")
-            sampler.load_state_dict(ckpt.data_state)
-            step = ckpt.step
-            if run.rank == 0:
-                print(f"[allo-train] {stage}: resumed from {ckpt.path} at step {step}")
+    if ckpt is not None:
+        load_engine_checkpoint(engine, ckpt)
+        ckpt.restore_rng(run.rank)
+        sampler.load_state_dict(ckpt.data_state)
+        step = ckpt.step
+        run.say(f"{stage}: resumed from {ckpt.path} at step {step}")
 
-    logger = MetricsLogger(stage_dir, stage=stage, tensorboard="tensorboard" in cfg.report_to)
+    logger = MetricsLogger(stage_dir, stage=stage, tensorboard="tensorboard" in cfg.report_to, start_step=step)
     crash_stage, _, crash_step = os.environ.get(CRASH_ENV, "").partition(":")
     crash_after = int(crash_step) if crash_stage == stage and crash_step else 0
     from tqdm.auto import tqdm
@@ -381,62 +451,106 @@ def train_stage(run: Run, stage: str, *, masks: dict[str, torch.Tensor] | None =
     batches = iter(loader)
     sums: dict[str, float] = {}
     count = 0
-    while step < total:
-        engine.train()
-        for _ in range(ga):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                batch = next(batches)
-            loss, metrics = loss_fn(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-        step += 1
-        bar.update(1)
-        if step % args.logging_steps == 0 or step == total:
-            logged = _reduce_metrics(sums, count, run.world_size, run.device)
-            grad_norm = engine.get_global_grad_norm()
-            logged.update(
-                learning_rate=engine.get_lr()[0], epoch=sampler.epoch + sampler.position / max(1, len(sampler))
-            )
-            if grad_norm is not None:
-                logged["grad_norm"] = float(grad_norm)
-            logger.log(step, logged)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}")
-            sums, count = {}, 0
-        if held_out and (step % (args.eval_steps or args.logging_steps) == 0 or step == total):
-            logger.log(step, evaluate(run, engine, loss_fn, held_out, collator, held_ref, paired, bs))
-        if step % args.save_steps == 0 and step < total:
-            ckpts.save(
-                step,
-                stage=stage,
-                write_fn=lambda d: engine.save_checkpoint(str(d / "deepspeed"), tag="state"),  # noqa: F821
-                data_state=sampler.state_dict(),
-                is_main=run.rank == 0,
-                barrier=run.barrier,
-                rank=run.rank,
-            )
-        if crash_after and step == crash_after:
-            os._exit(17)
-    bar.close()
-    logger.close()
+    try:
+        while step < total:
+            engine.train()
+            for _ in range(ga):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    batch = next(batches)
+                loss, metrics = loss_fn(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                for k, v in {"loss": loss.detach(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+            step += 1
+            bar.update(1)
+            if step % args.logging_steps == 0 or step == total:
+                logged = _reduce_metrics(sums, count, run.world_size, run.device)
+                grad_norm = engine.get_global_grad_norm()
+                logged.update(
+                    learning_rate=engine.get_lr()[0], epoch=sampler.epoch + sampler.position / max(1, len(sampler))
+                )
+                if grad_norm is not None:
+                    logged["grad_norm"] = float(grad_norm)
+                logger.log(step, logged)
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                sums, count = {}, 0
+            if held_out and (step % (args.eval_steps or args.logging_steps) == 0 or step == total):
+                logger.log(step, evaluate(run, engine, loss_fn, held_out, collator, held_ref, paired, bs))
+            if step % args.save_steps == 0 and step < total:
+                ckpts.save(
+                    step,
+                    stage=stage,
+                    write_fn=lambda d: engine.save_checkpoint(str(d / "deepspeed"), tag="state"),  # noqa: F821
+                    data_state=sampler.state_dict(),
+                    extra={"training_settings": settings, "config": config_to_dict(cfg)},
+                    is_main=run.rank == 0,
+                    barrier=run.barrier,
+                    rank=run.rank,
+                )
+            if crash_after and step == crash_after:
+                os._exit(17)
+    finally:  # on an error, end the bar's line first so the error message starts a line of its own
+        bar.close()
+        logger.close()
 
     sd = _final_state_dict(engine)
     if run.rank == 0:
-        extra = {}
-        if masks is not None:
-            extra["masks.safetensors"] = cfg.stage_dir("locate") / "masks.safetensors"
-        save_pretrained_atomic(
-            lm, tokenizer, out_dir, state_dict=sd, extra_files={k: v for k, v in extra.items() if v.is_file()}
-        )
+        # The masks this stage trained (a stage may re-select its own from the importance), beside the weights.
+        write_masks = None if masks is None else lambda d: save_masks(masks, d, stats=None)
+        save_pretrained_atomic(lm, tokenizer, out_dir, state_dict=sd, write_extra=write_masks)
         plot_loss_curves(stage_dir / "metrics.jsonl", stage_dir)
+        mark_stage_done(cfg, stage, out_dir)
     run.barrier()
     del engine
     return out_dir
+
+
+def resume_checkpoint(run: Run, stage: str, ckpts: CheckpointManager, settings: dict) -> Checkpoint | None:
+    """The checkpoint ``--resume`` continues from, or None (said on one line) when there is no complete one.
+
+    Rank 0 verifies manifests and shares the choice; a newer checkpoint that fails verification is named with its
+    problems and skipped; none verifying stops the run (:class:`CheckpointError`). The checkpoint's stored training
+    settings must equal ``settings`` unless ``allow_config_change`` (then the differences are printed)."""
+    cfg = run.cfg
+    explicit = None if cfg.resume_from_checkpoint is True else cfg.resume_from_checkpoint
+    chosen = rank0_decides(run, lambda: ckpts.select(explicit))
+    for path, problems in chosen.rejected:
+        run.say(f"{stage}: {path.name} fails verification ({'; '.join(problems)}); skipped")
+    if chosen.path is None:
+        tmp = sorted(p.name for p in ckpts.root.glob(".tmp-checkpoint-*")) if ckpts.root.is_dir() else []
+        partial = f" (incomplete, ignored: {', '.join(tmp)})" if tmp else ""
+        run.say(f"{stage}: --resume: no complete checkpoint in {ckpts.root}{partial}; training from step 0")
+        return None
+    if chosen.rejected:
+        run.say(f"{stage}: resuming from {chosen.path.name}, the newest checkpoint that verifies")
+    ckpt = ckpts.load(chosen.path, restore_rng=False, verify=False)
+    saved = ckpt.extra.get("training_settings")
+    diff = ["the checkpoint stores no training settings"] if saved is None else settings_differences(saved, settings)
+    if diff and not cfg.allow_config_change:
+        raise ConfigChangedError(
+            f"{ckpt.path} was written under other training settings than this run's config: {'; '.join(diff)}. "
+            "Resume with the checkpoint's values, or pass --allow-config-change to continue under the new ones"
+        )
+    if diff:
+        run.say(f"{stage}: resuming {ckpt.path.name} under a changed config (--allow-config-change): {'; '.join(diff)}")
+    return ckpt
+
+
+def load_engine_checkpoint(engine, ckpt: Checkpoint) -> None:
+    """``engine.load_checkpoint`` on the checkpoint's ``deepspeed/`` directory; a failure names the checkpoint (and
+    DeepSpeed's silent "nothing loaded" becomes an error)."""
+    where = ckpt.path / "deepspeed"
+    try:
+        loaded, _ = engine.load_checkpoint(str(where), tag="state")
+    except Exception as e:
+        raise CheckpointError(f"{where}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e})") from e
+    if loaded is None:
+        raise CheckpointError(f"{where}: DeepSpeed found no checkpoint 'state' to load")
 
 
 def evaluate(run: Run, engine, loss_fn, held_out, collator, held_ref, paired, batch_size) -> dict[str, float]:
@@ -470,6 +584,7 @@ def evaluate(run: Run, engine, loss_fn, held_out, collator, held_ref, paired, ba
 def locate_stage(run: Run) -> Path:
     cfg, args = run.cfg, run.cfg.locate
     out = cfg.stage_dir("locate")
+    clear_stage_done(run, "locate")
     if run.rank == 0:
         start = Path(args.start_model) if args.start_model else base_model_dir(cfg)
         if args.importance == "delta":
@@ -486,6 +601,7 @@ def locate_stage(run: Run) -> Path:
             importance, out, ratio=args.ratio, granularity=args.granularity, scope=args.scope, exclude=args.exclude
         )
         print(f"[allo-train] locate: masks at {result.masks_path}, stats at {result.stats_path}")
+        mark_stage_done(cfg, "locate", result.masks_path)
     run.barrier()
     return out
 
@@ -523,51 +639,87 @@ def gradient_importance(run: Run, start: Path) -> dict[str, torch.Tensor]:
     return acc.importance
 
 
-def stage_masks(run: Run, stage: str) -> dict[str, torch.Tensor]:
-    """Masks for forget/improve: the located masks, re-selected from the saved importance when the stage's ratio
-    (N1 / N2) differs from locate.ratio."""
+def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Masks for forget/improve and where they come from: the located masks, re-selected from the saved importance
+    when the stage's ratio (N1 / N2) differs from locate.ratio."""
     cfg = run.cfg
     loc = cfg.stage_dir("locate")
     ratio = getattr(cfg, stage).ratio
     if ratio is None or ratio == cfg.locate.ratio:
         from .locate import load_masks
 
-        return load_masks(loc)
+        return load_masks(loc), f"masks file {loc / MASKS_FILE}"
     importance = load_importance(loc / "importance.safetensors")
-    return select_masks(
+    masks = select_masks(
         importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope, exclude=cfg.locate.exclude
     )
+    return masks, f"masks re-selected at {stage}.ratio={ratio} from {loc / 'importance.safetensors'}"
 
 
 # ----------------------------------------------------------------------------------------------------- entry points
-def run_stage(cfg: TrainConfig, stage: str) -> Path:
+def start_run(cfg: TrainConfig) -> Run:
     rank, world, device = init_distributed()
-    run = Run(cfg, rank, world, device)
-    torch.manual_seed(cfg.seed)
+    if rank != 0:  # data warnings and notes once per run, from rank 0
+        logging.getLogger("allo_train").setLevel(logging.ERROR)
+    return Run(cfg, rank, world, device)
+
+
+def run_stage(cfg: TrainConfig, stage: str) -> Path:
+    run = start_run(cfg)
+    with output_dir_lock(run):
+        return _run_stage(run, stage)
+
+
+def _run_stage(run: Run, stage: str) -> Path:
+    torch.manual_seed(run.cfg.seed)
     if stage == "locate":
         return locate_stage(run)
-    masks = stage_masks(run, stage) if stage in ("forget", "improve") else None
-    return train_stage(run, stage, masks=masks)
+    if stage in ("forget", "improve"):
+        masks, source = stage_masks(run, stage)
+        return train_stage(run, stage, masks=masks, masks_source=source)
+    return train_stage(run, stage)
+
+
+def clear_stage_done(run: Run, stage: str) -> None:
+    """A stage that (re)starts is not finished until it marks itself done again."""
+    if run.rank == 0:
+        (run.cfg.stage_dir(stage) / STAGE_DONE_FILE).unlink(missing_ok=True)
+    run.barrier()
+
+
+def mark_stage_done(cfg: TrainConfig, stage: str, output: Path) -> None:
+    """Written (atomically) after the stage's output is complete and in place; the output is named relative to the
+    stage directory, so an output directory can be moved."""
+    done = cfg.stage_dir(stage) / STAGE_DONE_FILE
+    tmp = done.with_name(f".{done.name}.tmp-{os.getpid()}")
+    relative = os.path.relpath(output, done.parent)
+    write_durable(tmp, json.dumps({"stage": stage, "output": relative}).encode())
+    os.replace(tmp, done)
 
 
 def stage_done(cfg: TrainConfig, stage: str) -> Path | None:
-    """The stage's output when it finished (outputs are renamed into place whole, so existence means complete)."""
-    out = cfg.stage_dir("locate") / "masks.safetensors" if stage == "locate" else model_dir(cfg, stage)
-    return out if out.exists() else None
+    """The stage's output when the stage finished (its ``stage_done.json`` exists and the output is there)."""
+    done = cfg.stage_dir(stage) / STAGE_DONE_FILE
+    try:
+        output = done.parent / json.loads(done.read_bytes())["output"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return output if output.exists() else None
 
 
 def run_pipeline(cfg: TrainConfig) -> list[Path]:
     """Run cfg.pipeline.stages in order; with resume_from_checkpoint, finished stages are skipped."""
+    run = start_run(cfg)
     outputs = []
-    for stage in cfg.pipeline.stages:
-        done = stage_done(cfg, stage) if cfg.resume_from_checkpoint else None
-        if done is not None:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"[allo-train] {stage}: already finished ({done}), skipped")
-            outputs.append(done)
-            continue
-        outputs.append(run_stage(cfg, stage))
-    if int(os.environ.get("RANK", "0")) == 0:
-        summary = {s: str(p) for s, p in zip(cfg.pipeline.stages, outputs)}
-        (Path(cfg.output_dir) / "pipeline.json").write_text(json.dumps(summary, indent=2))
+    with output_dir_lock(run):
+        for stage in cfg.pipeline.stages:
+            done = stage_done(cfg, stage) if cfg.resume_from_checkpoint else None
+            if done is not None:
+                run.say(f"{stage}: already finished ({done}), skipped")
+                outputs.append(done)
+                continue
+            outputs.append(_run_stage(run, stage))
+        if run.rank == 0:
+            summary = {s: str(p) for s, p in zip(cfg.pipeline.stages, outputs)}
+            write_durable(Path(cfg.output_dir) / "pipeline.json", json.dumps(summary, indent=2).encode())
     return outputs

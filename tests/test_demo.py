@@ -3,6 +3,7 @@ table and plots are written, and the numbers in them are real held-out exact-mat
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,75 @@ def test_located_rows_and_budget(demo):
     for name, m in masks.items():
         keep = ~m if m.shape == sft[name].shape else ~m.view(-1, *([1] * (sft[name].dim() - 1))).expand_as(sft[name])
         assert (final[name][keep] == sft[name][keep]).all(), name
+
+
+def test_demo_writes_only_its_own_entries(demo):
+    from allo_train.demo import DEMO_ENTRIES, DEMO_MARKER
+
+    out, _ = demo
+    assert {p.name for p in out.iterdir()} == {*DEMO_ENTRIES, DEMO_MARKER, ".allo-train.lock"}
+
+
+# ---- issue 11.8: the demo never deletes what it did not write
+def test_output_dir_the_demo_did_not_make_is_refused(tmp_path):
+    from allo_train.demo import DemoOutputDirError, prepare_output_dir
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(DemoOutputDirError, match=r"is not empty and was not made by the demo \(it holds notes\.txt\)"):
+        prepare_output_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # --overwrite: the demo's entries are replaced, nothing else is touched.
+    (out / "results.md").write_text("old results")
+    (out / "data").mkdir()
+    (out / "data" / "sft.jsonl").write_text("{}")
+    prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".allo-demo", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "my notes"
+    # A directory the demo made: a rerun replaces its entries and keeps what the user added.
+    (out / "results.md").write_text("demo results")
+    (out / "later.txt").write_text("added later")
+    prepare_output_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [".allo-demo", "later.txt", "notes.txt"]
+    # An empty or missing directory is fine.
+    prepare_output_dir(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir" / ".allo-demo").is_file()
+
+
+def test_overwrite_never_reaches_the_current_directory_its_parents_or_a_checkout(tmp_path, monkeypatch):
+    from allo_train.demo import DemoOutputDirError, prepare_output_dir
+
+    work = tmp_path / "checkout" / "sub"
+    work.mkdir(parents=True)
+    (work / "train.py").write_text("print()")
+    (tmp_path / "checkout" / ".git").mkdir()
+    monkeypatch.chdir(work)
+    for target in (Path("."), Path(".."), work):
+        with pytest.raises(DemoOutputDirError, match="even with --overwrite"):
+            prepare_output_dir(target, overwrite=True)
+    repo = tmp_path / "other_repo"
+    (repo / ".git").mkdir(parents=True)
+    with pytest.raises(DemoOutputDirError, match="git checkout"):
+        prepare_output_dir(repo, overwrite=True)
+    assert (work / "train.py").is_file() and (repo / ".git").is_dir()
+
+
+def test_cli_demo_refuses_a_users_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "notes.txt").write_text("my notes")
+    r = subprocess.run(
+        [sys.executable, "-m", "allo_train.cli", "demo", "--output-dir", str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"allo-train: error: demo: --output-dir {tmp_path} is not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

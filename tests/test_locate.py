@@ -209,3 +209,63 @@ def test_safetensors_state_is_a_lazy_mapping(tmp_path):
     assert sorted(state) == ["a", "b", "c"] and len(state) == 3 and state["c"].item() == 2.0
     L.save_importance({"w": torch.rand(3)}, tmp_path / "imp" / "importance.safetensors")
     assert L.load_importance(tmp_path / "imp" / "importance.safetensors")["w"].shape == (3,)
+
+
+class TinyLM(torch.nn.Module):
+    """Parameter names like a Hugging Face causal LM's, lm_head tied to the embedding when asked."""
+
+    def __init__(self, tied=False):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(20, 8)
+        self.model.layers = torch.nn.ModuleList([torch.nn.Linear(8, 16)])
+        self.model.norm = torch.nn.LayerNorm(8)
+        self.lm_head = torch.nn.Linear(8, 20, bias=False)
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def full_masks(model, value=False):
+    return {n: torch.full(p.shape[:1], value) for n, p in model.named_parameters()}
+
+
+def test_masks_are_checked_against_the_model_before_training():
+    model = TinyLM()
+    masks = full_masks(model)
+    masks["model.layers.0.weight"] = torch.ones(16, 8, dtype=torch.bool)  # an element mask
+    L.check_masks_match_model(masks, model, source="masks file m.safetensors")
+
+    # The masks of another model: unknown names.
+    other = {n.replace("model.layers", "transformer.h"): m for n, m in masks.items()}
+    with pytest.raises(ValueError, match=r"m\.safetensors: 2 mask\(s\) name parameters the model does not have: "):
+        L.check_masks_match_model(other, model, source="masks file m.safetensors")
+    # Missing lm_head / embeddings / norms: an error, never "train densely".
+    partial = {n: m for n, m in masks.items() if n.startswith("model.layers")}
+    with pytest.raises(ValueError) as info:
+        L.check_masks_match_model(partial, model, source="masks file m.safetensors")
+    msg = str(info.value)
+    assert msg.startswith("masks file m.safetensors: no mask for 4 parameter(s) of the model: ")
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.norm.bias", "lm_head.weight"):
+        assert name in msg
+    # Wrong shapes, including all-True and all-False masks (shape is checked before any value is read).
+    for bad in (torch.ones(8, 16, dtype=torch.bool), torch.zeros(15, dtype=torch.bool), torch.ones(16, 8, 1).bool()):
+        with pytest.raises(ValueError) as info:
+            L.check_masks_match_model({**masks, "model.layers.0.weight": bad}, model, source="masks file m")
+        assert f"mask 'model.layers.0.weight' in masks file m has shape {tuple(bad.shape)}" in str(info.value)
+        assert "the parameter has shape (16, 8)" in str(info.value) and "or (16,) (rows)" in str(info.value)
+    with pytest.raises(ValueError, match=r"dtype torch\.uint8"):
+        L.check_masks_match_model({**masks, "model.layers.0.bias": torch.ones(16, dtype=torch.uint8)}, model)
+
+    # Tied weights: a mask under either name covers the shared tensor.
+    tied = TinyLM(tied=True)
+    tied_masks = {n: m for n, m in full_masks(tied).items()}
+    assert "lm_head.weight" not in tied_masks
+    L.check_masks_match_model(tied_masks, tied)
+    L.check_masks_match_model({**tied_masks, "lm_head.weight": torch.zeros(20, dtype=torch.bool)}, tied)
+
+
+def test_masks_digest_tells_masks_apart():
+    a = {"w": torch.tensor([True, False]), "v": torch.zeros(2, 2, dtype=torch.bool)}
+    assert L.masks_digest(a) == L.masks_digest(dict(reversed(list(a.items()))))
+    assert L.masks_digest(a) != L.masks_digest({**a, "w": torch.tensor([False, True])})
+    assert L.masks_digest(a) != L.masks_digest({**a, "v": torch.zeros(4, dtype=torch.bool)})

@@ -132,3 +132,28 @@ def test_saved_config_reloads_equal(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
     assert cfg.stage_dir("forget") == tmp_path.__class__("outputs") / "forget"
+
+
+def test_training_settings_hold_what_changes_the_result_and_not_the_cadence():
+    from allo_train.config import settings_differences, training_settings
+
+    base = training_settings(load_config(None, {"deepspeed": {"zero_optimization": {"stage": 2}}}), "forget")
+    assert base["forget.learning_rate"] == 5e-6 and base["deepspeed.zero_optimization"] == {"stage": 2}
+    assert base["seed"] == 42 and base["forget.data_path"] is None and "forget.logging_steps" not in base
+    json.dumps(base)  # stored in trainer_state.json
+    cadence = {"logging_steps": 3, "save_steps": 7, "eval_steps": 2, "save_total_limit": 5, "output_dir": "else"}
+    same = training_settings(load_config(None, {**cadence, "deepspeed": {"zero_optimization": {"stage": 2}}}), "forget")
+    assert settings_differences(base, same) == []
+    changed = training_settings(
+        load_config(None, {"learning_rate": 2e-3, "forget.beta": 0.5, "seed": 1, "deepspeed": None}), "forget"
+    )
+    assert settings_differences(base, changed) == [
+        'deepspeed.zero_optimization: {"stage": 2} (checkpoint) -> {"stage": 0} (now)',
+        "forget.beta: 0.1 (checkpoint) -> 0.5 (now)",
+        "forget.learning_rate: 5e-06 (checkpoint) -> 0.002 (now)",
+        "seed: 42 (checkpoint) -> 1 (now)",
+    ]
+    assert settings_differences({"a": 1}, {"b": 1}) == [
+        "a: 1 (checkpoint) -> (not set) (now)",
+        "b: (not set) (checkpoint) -> 1 (now)",
+    ]

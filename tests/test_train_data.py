@@ -252,3 +252,94 @@ def test_resumable_sampler_resumes_mid_epoch_and_shards():
         list(range(10)), batch_size=3, sampler=data.ResumableSampler(10, shuffle=False)
     )
     assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+# ---- issue 11: bad values and bytes named at load time; silent surprises warned once, with counts
+@pytest.mark.parametrize(
+    "weights, fragment",
+    [
+        ("[1, -0.5]", "value 1 is -0.5; token weights must be in [0, 1000]"),
+        ("[1e30, 1]", "value 0 is 1e+30; token weights must be in [0, 1000]"),
+        ("[NaN, 1]", "must be a list of finite numbers, got list [nan, 1]"),
+        ("[1, Infinity]", "must be a list of finite numbers, got list [1, inf]"),
+    ],
+)
+def test_bad_token_weights_name_file_and_line_at_load(tmp_path, weights, fragment):
+    path = tmp_path / "w.jsonl"
+    path.write_text(
+        '{"prompt": "Q", "rejected": "ab", "token_weights": [1, 1]}\n'
+        f'{{"prompt": "Q", "rejected": "ab", "token_weights": {weights}}}\n'
+    )
+    with pytest.raises(ValueError) as err:
+        data.load_forgetting_jsonl(path)
+    assert str(err.value).startswith(f"{path}:2: field 'token_weights' ") and fragment in str(err.value)
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n'
+    )
+    with pytest.raises(ValueError) as err:
+        data.load_preference_jsonl(path)
+    assert str(err.value).startswith(f"{path}:3: not valid UTF-8 (byte 0xe9 at column 16")
+
+
+def test_all_zero_token_weights_train_nothing_and_are_refused(tmp_path, tok, caplog):
+    rows = [
+        {"prompt": "Q", "rejected": "ab", "token_weights": [0, 0]},
+        {"prompt": "Q", "rejected": "cd", "token_weights": [0, 1]},
+        {"prompt": "Q", "rejected": "", "token_weights": []},  # an empty response: only the unweighted EOS
+        {"prompt": "Q", "rejected": "efgh", "token_weights": [0, 0, 0, 1]},  # its weighted token is cut below
+    ]
+    path = write_jsonl(tmp_path / "z.jsonl", rows)
+    with caplog.at_level("WARNING", logger="allo_train"):
+        feats = data.tokenize_forgetting(data.load_forgetting_jsonl(path), tok, max_length=5, max_prompt_length=2)
+    assert len(feats) == 4
+    (line,) = [r.getMessage() for r in caplog.records if "token weight 0" in r.getMessage()]
+    assert line == (
+        f"[allo-train] warning: {path}: 3 of 4 examples have token weight 0 on all the response tokens they keep "
+        "(lines 1, 3, 4): they add nothing to the forgetting loss"
+    )
+    zero = write_jsonl(tmp_path / "zero.jsonl", [rows[0], rows[2]])
+    with pytest.raises(ValueError, match=rf"^{zero}: every example \(2\) has token weight 0 .* would train nothing"):
+        data.tokenize_forgetting(data.load_forgetting_jsonl(zero), tok, max_length=32, max_prompt_length=8)
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Q", "rejected": "ab", "corrected": "ab"}])
+    examples = data.load_forgetting_jsonl(same, token_weight_source="corrected")
+    with pytest.raises(ValueError, match="'corrected' responses equal to 'rejected'"):
+        data.tokenize_forgetting(examples, tok, max_length=32, max_prompt_length=8)
+
+
+def test_truncation_and_identical_pairs_are_warned_once_with_counts(tmp_path, tok, caplog):
+    rows = [
+        {"prompt": "1234567890", "chosen": "ab", "rejected": "cd"},  # prompt cut
+        {"prompt": "Q", "chosen": "same", "rejected": "same"},  # identical
+        {"prompt": "Q", "chosen": "abcdefghijkl", "rejected": "abcdefghijkX"},  # both cut, identical once cut
+        {"prompt": "Q", "chosen": "x", "rejected": "y"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with caplog.at_level("WARNING", logger="allo_train"):
+        data.tokenize_preference(data.load_preference_jsonl(path), tok, max_length=10, max_prompt_length=4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"[allo-train] warning: {path}: 1 of 4 pairs have a prompt longer than max_prompt_length=4 tokens; it keeps "
+        "only its last 4 (lines 1)",
+        f"[allo-train] warning: {path}: 1 of 4 pairs have a response cut to fit max_length=10 tokens together with "
+        "its prompt (lines 3)",
+        f"[allo-train] warning: {path}: 2 of 4 pairs have the same chosen and rejected tokens after truncation "
+        "(lines 2, 3): DPO gives them loss log 2 and no gradient",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="allo_train"):
+        data.tokenize_preference(data.load_preference_jsonl(path), tok, max_length=64, max_prompt_length=32)
+    assert [r.getMessage().split(": ")[-1] for r in caplog.records] == ["DPO gives them loss log 2 and no gradient"]
+    sft = write_jsonl(
+        tmp_path / "s.jsonl", [{"prompt": "Q", "completion": "abcdefgh"}, {"prompt": "Q", "completion": "a"}]
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="allo_train"):
+        data.tokenize_sft(data.load_sft_jsonl(sft), tok, max_length=6, max_prompt_length=3)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[allo-train] warning: {sft}: 1 of 2 examples have a response cut to fit max_length=6 tokens together with "
+        "its prompt (lines 1)"
+    ]

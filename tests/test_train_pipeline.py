@@ -8,6 +8,7 @@ killed mid-stage and resumed ends with the same weights as an uninterrupted run.
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,22 +163,69 @@ def test_pipeline_two_ranks(assets, tmp_path, name, zero):
     check_sparse_updates(assets, out)
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(assets, tmp_path):
-    stages = {"pipeline": {"stages": ["warmup", "locate", "forget"]}, "save_steps": 1}
-    ref_out, crash_out = tmp_path / "straight", tmp_path / "crashed"
-    codes, logs = launch(write_config(assets, ref_out, {"stage": 2}, **stages))
+RESUME_STAGES = {"pipeline": {"stages": ["warmup", "locate", "forget"]}, "save_steps": 1}
+CRASH = "ALLO_TRAIN_CRASH_AFTER"  # test hook of allo_train.stages: hard exit after the given step
+
+
+@pytest.fixture(scope="module")
+def straight_zero2(assets, tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-2 run of warmup -> locate -> forget, checkpointing every step."""
+    ref_out = tmp_path_factory.mktemp("straight_zero2") / "straight"
+    codes, logs = launch(write_config(assets, ref_out, {"stage": 2}, **RESUME_STAGES))
     assert codes == [0, 0], logs[0][-4000:]
-    cfg = write_config(assets, crash_out, {"stage": 2}, **stages)
-    codes, _ = launch(cfg, env_extra={"ALLO_TRAIN_CRASH_AFTER": "forget:2"})
+    return ref_out
+
+
+@pytest.fixture(scope="module")
+def crashed_zero2(assets, tmp_path_factory):
+    """The same run killed (hard exit on both ranks) after optimizer step 2 of forget."""
+    crash_out = tmp_path_factory.mktemp("crashed_zero2") / "crashed"
+    codes, _ = launch(write_config(assets, crash_out, {"stage": 2}, **RESUME_STAGES), env_extra={CRASH: "forget:2"})
     assert codes == [17, 17]
     assert not (crash_out / "forget" / "model").exists()
     assert sorted(p.name for p in (crash_out / "forget" / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    return crash_out
+
+
+def copy_of(assets: Path, run: Path, out: Path) -> Path:
+    """A copy of ``run`` in ``out`` and the config for it."""
+    shutil.copytree(run, out)
+    return write_config(assets, out, {"stage": 2}, **RESUME_STAGES)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(assets, straight_zero2, crashed_zero2, tmp_path):
+    ref_out, crash_out = straight_zero2, tmp_path / "crashed"
+    cfg = copy_of(assets, crashed_zero2, crash_out)
     codes, logs = launch(cfg, "--resume")
     assert codes == [0, 0], logs[0][-4000:]
     assert "warmup: already finished" in logs[0] and "resumed from" in logs[0]
     a, b = weights(ref_out / "forget" / "model"), weights(crash_out / "forget" / "model")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_corrupted_optimizer_shard_falls_back_to_the_previous_checkpoint(
+    assets, straight_zero2, crashed_zero2, tmp_path
+):
+    """Issue 11.1 as reported: 512 garbage bytes in the middle of a ZeRO-2 optimizer shard of the newest checkpoint,
+    then --resume. The shard is named, the previous checkpoint resumes, and the result is the uninterrupted one."""
+    out = tmp_path / "crashed"
+    cfg = copy_of(assets, crashed_zero2, out)
+    rel = "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = out / "forget" / "checkpoints" / "checkpoint-2" / rel
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 512] = random.Random(0).randbytes(512)
+    shard.write_bytes(bytes(data))
+    codes, logs = launch(cfg, "--resume")
+    assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    assert f"forget: checkpoint-2 fails verification ({rel}: sha256 differs from the manifest" in logs[0]
+    assert "forget: resuming from checkpoint-1, the newest checkpoint that verifies" in logs[0]
+    assert "checkpoint-1 at step 1" in logs[0] and "fails verification" not in logs[1]  # rank 0 speaks, once
+    a, b = weights(straight_zero2 / "forget" / "model"), weights(out / "forget" / "model")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(line) for line in (out / "forget" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
