@@ -13,13 +13,14 @@ Public API (the contract is in DESIGN.md; the README shows it in use):
 from . import losses
 from .objectives import forgetting_loss, preference_loss
 from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
-from .ops.token_logprobs import token_logprobs
+from .ops.token_logprobs import IGNORE_INDEX, token_logprobs
 from .ops.token_scores import TokenScores, token_scores
 from .optim import SparseAdamW
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IGNORE_INDEX",
     "SparseAdamW",
     "TokenScores",
     "__version__",

@@ -1,4 +1,5 @@
-"""DeepSpeed set-up: process group, the engine's config, SparseAdamW bound to the engine, and the LR schedule.
+"""Everything allo_train does with DeepSpeed: the process group, the engine's config, the engine with SparseAdamW
+bound to it, the LR schedule, the final full weights and loading a checkpoint into the engine.
 
 Launch with the ``deepspeed`` launcher or ``torchrun`` (they set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT); a
 plain ``allo-train`` call runs as a single rank on 127.0.0.1. Without CUDA the gloo backend and DeepSpeed's CPU
@@ -13,7 +14,11 @@ import os
 
 import torch
 
+from .checkpoint import CheckpointError
+
 _DS_OWNED_KEYS = ("optimizer", "scheduler")
+# Learning-rate schedules (HF names); every one starts with the linear warm-up of ``warmup_ratio`` when it is > 0.
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -96,7 +101,7 @@ def lr_lambda(kind: str, *, total_steps: int, warmup_steps: int):
     def fn(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
-        if kind == "constant":
+        if kind in ("constant", "constant_with_warmup"):
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         progress = min(max(progress, 0.0), 1.0)
@@ -156,3 +161,26 @@ def initialize(
     )
     optimizer.bind(engine)
     return engine
+
+
+def full_state_dict(engine) -> dict | None:
+    """Full weights of the wrapped causal LM on rank 0 (ZeRO-3 partitions are gathered); None on other ranks."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    if sd is None:
+        return None
+    return {k[len("lm.") :]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
+
+
+def load_engine_checkpoint(engine, ckpt) -> None:
+    """``engine.load_checkpoint`` on the checkpoint's ``deepspeed/`` directory; a failure names the checkpoint (and
+    DeepSpeed's silent "nothing loaded" becomes an error)."""
+    where = ckpt.path / "deepspeed"
+    try:
+        loaded, _ = engine.load_checkpoint(str(where), tag="state")
+    except Exception as e:
+        raise CheckpointError(f"{where}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e})") from e
+    if loaded is None:
+        raise CheckpointError(f"{where}: DeepSpeed found no checkpoint 'state' to load")

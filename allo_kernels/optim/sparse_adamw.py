@@ -31,7 +31,6 @@ Under DeepSpeed ZeRO call ``opt.bind(engine)`` after ``deepspeed.initialize`` (s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 
 import torch
 
@@ -441,13 +440,3 @@ def named_masks(model: torch.nn.Module, masks_by_name: dict[str, torch.Tensor]) 
     if unknown:
         raise ValueError(f"masks name parameters the model does not have: {unknown[:5]}")
     return {params[n]: m for n, m in masks_by_name.items()}
-
-
-def iter_params(params: Iterable) -> list[torch.Tensor]:
-    out = []
-    for item in params:
-        if isinstance(item, dict):
-            out.extend(item["params"])
-        else:
-            out.append(item)
-    return out
