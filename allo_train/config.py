@@ -53,8 +53,8 @@ from .locate import DEFAULT_EXCLUDE, GRANULARITIES, IMPORTANCES, SCOPES
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
 
-def _choices(*values: str) -> dict:
-    return {"choices": values}
+def _choices(values: tuple[str, ...]) -> dict:
+    return {"choices": values}  # the owner's tuple itself
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
@@ -78,7 +78,7 @@ class StageTrainingArgs:
     num_train_epochs: float | None = field(default=None, metadata=_range(0, lo_open=True))
     max_steps: int | None = field(default=None, metadata=_range(-1))
     warmup_ratio: float | None = field(default=None, metadata=_range(0, 1))
-    lr_scheduler_type: str | None = field(default=None, metadata=_choices(*LR_SCHEDULERS))
+    lr_scheduler_type: str | None = field(default=None, metadata=_choices(LR_SCHEDULERS))
     weight_decay: float | None = field(default=None, metadata=_range(0))
     max_grad_norm: float | None = field(default=None, metadata=_range(0))
     max_length: int | None = field(default=None, metadata=_range(2))
@@ -113,7 +113,7 @@ class WarmupStageConfig(StageTrainingArgs):
     """Full-parameter DPO on preference JSONL; its result is theta_warm for ``locate``."""
 
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: str | None = field(default=None, metadata=_choices(*PREFERENCE_LOSS_TYPES))
+    loss_type: str | None = field(default=None, metadata=_choices(PREFERENCE_LOSS_TYPES))
     label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
     simpo_gamma: float | None = field(default=None, metadata=_range(0))  # loss_type "simpo": the target margin
 
@@ -122,11 +122,11 @@ class WarmupStageConfig(StageTrainingArgs):
 class LocateStageConfig:
     """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate)."""
 
-    importance: str = field(default="delta", metadata=_choices(*IMPORTANCES))
+    importance: str = field(default="delta", metadata=_choices(IMPORTANCES))
     divide_by_lr: bool = False  # "delta": |theta_warm - theta_start| / learning_rate of the warm-up
-    granularity: str = field(default="element", metadata=_choices(*GRANULARITIES))
+    granularity: str = field(default="element", metadata=_choices(GRANULARITIES))
     ratio: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
-    scope: str = field(default="global", metadata=_choices(*SCOPES))
+    scope: str = field(default="global", metadata=_choices(SCOPES))
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     start_model: str | None = None  # None: model_name_or_path
     warm_model: str | None = None  # None: the warm-up stage's output
@@ -149,7 +149,7 @@ class ForgetStageConfig(StageTrainingArgs):
     """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
 
     ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
-    token_weight_source: str = field(default="token_weights", metadata=_choices(*TOKEN_WEIGHT_SOURCES))
+    token_weight_source: str = field(default="token_weights", metadata=_choices(TOKEN_WEIGHT_SOURCES))
     scoring_model: str | None = None  # required when token_weight_source == "scoring_model"
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
 
@@ -168,10 +168,10 @@ class ImproveStageConfig(StageTrainingArgs):
 
     ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
     mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))  # share of tokens dropped
-    mask_by: str = field(default="highest", metadata=_choices(*MASK_BY))  # drop the highest- or lowest-reward ones
-    mask_scope: str = field(default="sequence", metadata=_choices(*MASK_SCOPES))
+    mask_by: str = field(default="highest", metadata=_choices(MASK_BY))  # drop the highest- or lowest-reward ones
+    mask_scope: str = field(default="sequence", metadata=_choices(MASK_SCOPES))
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: str | None = field(default=None, metadata=_choices(*PREFERENCE_LOSS_TYPES))
+    loss_type: str | None = field(default=None, metadata=_choices(PREFERENCE_LOSS_TYPES))
     label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
     simpo_gamma: float | None = field(default=None, metadata=_range(0))  # loss_type "simpo": the target margin
 
@@ -208,7 +208,7 @@ class TrainConfig:
 
     # Shared training defaults (TRL names); stage sections inherit them.
     beta: float = field(default=0.1, metadata=_range(0, lo_open=True))
-    loss_type: str = field(default="sigmoid", metadata=_choices(*PREFERENCE_LOSS_TYPES))
+    loss_type: str = field(default="sigmoid", metadata=_choices(PREFERENCE_LOSS_TYPES))
     label_smoothing: float = field(default=0.0, metadata=_range(0, 0.5))
     simpo_gamma: float = field(default=1.0, metadata=_range(0))  # loss_type "simpo" only
     learning_rate: float = field(default=5e-6, metadata=_range(0, lo_open=True))
@@ -218,7 +218,7 @@ class TrainConfig:
     num_train_epochs: float = field(default=1.0, metadata=_range(0, lo_open=True))
     max_steps: int = field(default=-1, metadata=_range(-1))  # -1: run num_train_epochs
     warmup_ratio: float = field(default=0.0, metadata=_range(0, 1))
-    lr_scheduler_type: str = field(default="linear", metadata=_choices(*LR_SCHEDULERS))
+    lr_scheduler_type: str = field(default="linear", metadata=_choices(LR_SCHEDULERS))
     weight_decay: float = field(default=0.0, metadata=_range(0))
     max_grad_norm: float = field(default=1.0, metadata=_range(0))  # 0: no clipping
     max_length: int = field(default=1024, metadata=_range(2))
@@ -231,7 +231,7 @@ class TrainConfig:
     save_total_limit: int | None = field(default=2, metadata=_range(1))
     eval_fraction: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # held-out share, split by seed
     eval_steps: int | None = field(default=None, metadata=_range(1))  # None: logging_steps
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"], metadata=_choices(*REPORT_TO))
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"], metadata=_choices(REPORT_TO))
     resume_from_checkpoint: bool | str = False  # True: the newest verified checkpoint in the stage dir
     allow_config_change: bool = False  # resume a checkpoint whose training settings differ (see training_settings)
 
