@@ -7,10 +7,11 @@ Public API (the contract is in DESIGN.md; the README shows it in use):
 * ``fused_linear_token_logprobs`` / ``fused_linear_token_scores``: the same from hidden states x lm_head,
   never holding the [N, V] logits
 * ``preference_loss`` / ``forgetting_loss``: one call from a [chosen; rejected] (or forget) batch to (loss, metrics)
-* ``losses``                         DPO family, NPO, ALLO token-NPO and masked DPO, SimPO, ORPO, KTO, SFT
+* ``losses``                         DPO family, NPO, ALLO token-NPO and kept-token DPO, SimPO, ORPO, KTO, SFT
+* ``integrations``                   the one place that knows a training framework (DeepSpeed ZeRO)
 """
 
-from . import losses
+from . import integrations, losses
 from .objectives import forgetting_loss, preference_loss
 from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
 from .ops.token_logprobs import IGNORE_INDEX, token_logprobs
@@ -27,6 +28,7 @@ __all__ = [
     "forgetting_loss",
     "fused_linear_token_logprobs",
     "fused_linear_token_scores",
+    "integrations",
     "losses",
     "preference_loss",
     "token_logprobs",

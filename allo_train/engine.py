@@ -90,8 +90,6 @@ def deepspeed_config(
         ds["bf16"]["enabled"] = False
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") == "auto":
         ds["fp16"]["enabled"] = False
-    ds["zero_allow_untested_optimizer"] = True  # SparseAdamW is a client optimizer
-    ds["zero_force_ds_cpu_optimizer"] = False  # ...that also runs the offloaded step (native CPU kernel)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -123,43 +121,34 @@ def initialize(
     total_steps: int,
     warmup_steps: int,
 ):
-    """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine.
+    """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine (through
+    ``allo_kernels.integrations.deepspeed.initialize``).
 
     masks: {parameter name: bool mask} (names as in ``module.named_parameters()``), or None to train every parameter
     densely. With masks, a parameter whose mask selects nothing, or that has no mask at all, is frozen
     (requires_grad=False), so ZeRO keeps no fp32 master, gradient or state for it; a mask whose shape is neither the
     parameter's nor ``(rows,)`` is a ValueError (checked before anything reads the mask). Returns the engine.
     """
-    import deepspeed
-
-    from allo_kernels import SparseAdamW
+    from allo_kernels.integrations import deepspeed as ak_deepspeed
 
     from .locate import check_mask_shape
 
-    params, param_masks = [], {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        mask = None if masks is None else masks.get(name)
-        if mask is not None:
-            check_mask_shape(name, mask, tuple(p.shape))
-        if masks is not None and (mask is None or not bool(mask.any())):
-            p.requires_grad_(False)
-            continue
-        params.append(p)
-        if mask is not None and not bool(mask.all()):
-            param_masks[p] = mask.to(p.device)
-    if not params:
-        raise ValueError("the masks select no parameter at all: nothing to train (check locate.ratio / exclude)")
-    optimizer = SparseAdamW(params, lr=learning_rate, weight_decay=weight_decay, masks=param_masks or None)
+    if masks is not None:
+        trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        for name, mask in masks.items():
+            if name in trainable:
+                check_mask_shape(name, mask, tuple(trainable[name].shape))
+        if not any(bool(mask.any()) for name, mask in masks.items() if name in trainable):
+            raise ValueError("the masks select no parameter at all: nothing to train (check locate.ratio / exclude)")
     schedule = lr_lambda(lr_scheduler_type, total_steps=total_steps, warmup_steps=warmup_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
+    engine, _ = ak_deepspeed.initialize(
+        module,
         config=ds_config,
+        masks=masks,
+        lr=learning_rate,
+        weight_decay=weight_decay,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    optimizer.bind(engine)
     return engine
 
 
