@@ -1,6 +1,6 @@
 """allo_kernels: fused kernels, losses and a sparse optimizer for low-redundant LLM alignment.
 
-Public API (the contract is in DESIGN.md; the README shows it in use):
+Public API (the contract is in docs/design.md; the README shows it in use):
 
 * ``token_logprobs``                 per-token log-probs from logits, one read forward and one backward
 * ``token_scores`` / ``TokenScores`` log-probs + rewards + top-percentile token mask + per-sequence sums

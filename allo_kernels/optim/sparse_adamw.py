@@ -1,6 +1,6 @@
 """SparseAdamW: AdamW on selected rows (neurons) or elements of weights, with Adam state for selected rows only.
 
-Semantics (the contract of DESIGN.md):
+Semantics (the contract of docs/design.md):
 
 * ``masks={param: bool tensor}`` (or a param-group key ``"mask"``). A 1-D mask of length ``p.shape[0]`` selects rows,
   a mask of ``p.shape`` selects elements. Params without a mask are updated densely, like ``torch.optim.AdamW``.
