@@ -210,3 +210,92 @@ def test_zero3_partitioned_frozen_weight(backend):
     assert w.gathers == 2 and w.numel() == 0 and w.grad is None
     _, gh, _, _ = reference(hidden, weight, None, labels, g)
     torch.testing.assert_close(h.grad, gh, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- issue 11.14: ignored rows, huge logits
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_ignored_row_with_huge_logits_has_zero_gradient(backend_name, backend):
+    backend(backend_name)
+    # Row 1 is ignored and its logits (100) overflow exp(z - 0); it must contribute exactly nothing.
+    h = torch.full((2, 1), 100.0, requires_grad=True)
+    w = torch.ones(8, 1, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    labels = torch.tensor([3, -100])
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b)
+    out.sum().backward()
+    ref, gh, gw, gb = reference(h.detach(), w.detach(), b.detach(), labels, torch.ones(2))
+    torch.testing.assert_close(out.detach(), ref)
+    for got, expect in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expect, **TOL[torch.float32])
+    assert h.grad[1].item() == 0.0
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_scores_and_preference_loss_with_ignored_huge_logits(backend_name, backend):
+    backend(backend_name)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 6, 5, generator=g)
+    hidden[:, :2] = 60.0  # prompt rows: ignored, logits far beyond exp's range
+    weight = torch.randn(30, 5, generator=g)
+    labels = torch.randint(0, 30, (4, 6), generator=g)
+    labels[:, :2] = -100
+    ref = torch.where(labels != -100, torch.randn(4, 6, generator=g) - 3.0, 0.0)
+    h1, w1 = leaves(hidden, weight)
+    s = ak.fused_linear_token_scores(h1, w1, labels, ref_logprobs=ref, chunk_size=5)
+    s.seq_logprobs.sum().backward()
+    h2, w2 = leaves(hidden, weight)
+    ak.token_scores(h2 @ w2.t(), labels, ref_logprobs=ref).seq_logprobs.sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, **TOL[torch.float32])
+    torch.testing.assert_close(w1.grad, w2.grad, **TOL[torch.float32])
+
+    h1, w1 = leaves(hidden, weight)
+    ak.preference_loss(h1, labels, lm_head_weight=w1, ref_logprobs=ref, mask_fraction=0.5, chunk_size=5)[0].backward()
+    h2, w2 = leaves(hidden, weight)
+    ak.preference_loss(h2 @ w2.t(), labels, ref_logprobs=ref, mask_fraction=0.5)[0].backward()
+    assert torch.isfinite(h1.grad).all() and torch.isfinite(w1.grad).all()
+    torch.testing.assert_close(h1.grad, h2.grad, **TOL[torch.float32])
+    torch.testing.assert_close(w1.grad, w2.grad, **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------- issue 11.15: under autocast
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backward_inside", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_matches_unfused_under_the_same_autocast(backend_name, backward_inside, bias, backend):
+    backend(backend_name)
+    hidden, weight, b, labels = make(torch.float32, lead=(2, 7), V=70, bias=bias)
+    hidden = hidden * 4  # logits of std ~4: the bf16 rounding of the logits matters (the bug was 17-25% off)
+    g = torch.randn(2, 7, generator=torch.Generator().manual_seed(2))
+    h1, w1, b1 = leaves(hidden, weight, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ak.fused_linear_token_logprobs(h1, w1, labels, bias=b1, chunk_size=5)
+        if backward_inside:
+            out.backward(g)
+    if not backward_inside:
+        out.backward(g)
+    h2, w2, b2 = leaves(hidden, weight, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(h2, w2, b2)  # an nn.Linear lm_head under autocast: bf16 logits
+        expect = token_logprobs_reference(z, labels)
+    expect.backward(g)
+    assert z.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert h1.grad.dtype == w1.grad.dtype == torch.float32
+    torch.testing.assert_close(out.detach(), expect.detach(), **TOL[torch.bfloat16])
+    for got, want in ((h1, h2), (w1, w2)) + (((b1, b2),) if bias else ()):
+        torch.testing.assert_close(got.grad, want.grad, **TOL[torch.bfloat16])
+
+
+def test_autocast_accepts_mixed_input_dtypes(backend):
+    backend("torch")
+    hidden, weight, _, labels = make(torch.float32, V=40, bias=False)
+    h = hidden.bfloat16().requires_grad_()  # e.g. a bf16 activation and an fp32 lm_head, as autocast leaves them
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ak.fused_linear_token_logprobs(h, w, labels)
+    out.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref, gh, gw, _ = reference(h.detach(), w.detach().bfloat16(), None, labels, torch.ones(labels.shape))
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(h.grad.float(), gh, **TOL[torch.bfloat16])
+    torch.testing.assert_close(w.grad, gw, **TOL[torch.bfloat16])

@@ -128,7 +128,10 @@ def _chunk_forward_torch(z: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 def _chunk_backward_torch(z, labels, lse, g, ignore_index: int, temperature: float) -> torch.Tensor:
     valid = labels != ignore_index
-    p = torch.exp(z.float() / temperature - lse[:, None])
+    # Ignored rows store lse = 0: exp(z - 0) would overflow for logits > ~88 and inf * 0 is NaN, so their
+    # probabilities are zeroed before the exp rather than after.
+    x = torch.where(valid[:, None], z.float() / temperature - lse[:, None], float("-inf"))
+    p = torch.exp(x)
     grad = -p
     rows = torch.arange(z.shape[0], device=z.device)
     grad[rows, torch.where(valid, labels, 0).long()] += 1.0
@@ -156,6 +159,27 @@ class _Options:
     temperature: float
     chunk_size: int
     use_triton: bool
+    compute_dtype: torch.dtype  # the logits' dtype: autocast's when it is on, else the inputs'
+
+
+@contextlib.contextmanager
+def _compute_in(dtype: torch.dtype, device: torch.device, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Autocast off (our ops run in ``dtype`` explicitly) and weight/bias cast to ``dtype`` for the block.
+
+    Under ``torch.autocast`` the unfused ``linear(hidden, weight, bias)`` casts all three to the autocast dtype, so
+    that is the dtype the logits are computed (and recomputed) in, in the forward and in the backward, wherever the
+    backward runs. Without the explicit cast, a backward outside the autocast region would recompute the logits in
+    fp32 against an lse taken from bf16 logits.
+    """
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the logits are computed in: autocast's when autocast is on for this device, else the inputs'."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return weight.dtype
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
@@ -164,17 +188,20 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, opts.chunk_size):
-            stop = min(n, start + opts.chunk_size)
-            z = _chunk_logits(hidden[start:stop], weight, bias)
-            lab = labels[start:stop]
-            if opts.use_triton:
-                logp[start:stop], lse[start:stop] = logprobs_forward(
-                    z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
-                )
-            else:
-                logp[start:stop], lse[start:stop] = _chunk_forward_torch(z, lab, opts.ignore_index, opts.temperature)
-            del z
+        with _compute_in(opts.compute_dtype, hidden.device, weight, bias) as (w, b):
+            for start in range(0, n, opts.chunk_size):
+                stop = min(n, start + opts.chunk_size)
+                z = _chunk_logits(hidden[start:stop].to(opts.compute_dtype), w, b)
+                lab = labels[start:stop]
+                if opts.use_triton:
+                    logp[start:stop], lse[start:stop] = logprobs_forward(
+                        z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
+                    )
+                else:
+                    logp[start:stop], lse[start:stop] = _chunk_forward_torch(
+                        z, lab, opts.ignore_index, opts.temperature
+                    )
+                del z
         ctx.save_for_backward(hidden, labels, lse)
         # weight/bias are kept as objects, not saved tensors: under ZeRO-3 their storage is released after the
         # forward and gathered again in the backward, so only the parameter objects themselves stay valid.
@@ -194,31 +221,32 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         release = _gather_for_backward(weight, bias)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for start in range(0, n, opts.chunk_size):
-            stop = min(n, start + opts.chunk_size)
-            h = hidden[start:stop]
-            z = _chunk_logits(h, weight, bias)
-            lab, g = labels[start:stop], grad_logp[start:stop]
-            if opts.use_triton:
-                dz = logprobs_backward(
-                    z,
-                    row_layout(z),
-                    lab,
-                    lse[start:stop],
-                    g,
-                    ignore_index=opts.ignore_index,
-                    temperature=opts.temperature,
-                    inplace=True,
-                )
-            else:
-                dz = _chunk_backward_torch(z, lab, lse[start:stop], g, opts.ignore_index, opts.temperature)
-            if grad_h is not None:
-                torch.mm(dz, weight, out=grad_h[start:stop])
-            if grad_w is not None:
-                _accumulate_weight_grad(grad_w, dz, h)
-            if grad_b is not None:
-                grad_b += dz.float().sum(0)
-            del z, dz
+        with _compute_in(opts.compute_dtype, hidden.device, weight, bias) as (w, b):
+            for start in range(0, n, opts.chunk_size):
+                stop = min(n, start + opts.chunk_size)
+                h = hidden[start:stop].to(opts.compute_dtype)
+                z = _chunk_logits(h, w, b)
+                lab, g = labels[start:stop], grad_logp[start:stop]
+                if opts.use_triton:
+                    dz = logprobs_backward(
+                        z,
+                        row_layout(z),
+                        lab,
+                        lse[start:stop],
+                        g,
+                        ignore_index=opts.ignore_index,
+                        temperature=opts.temperature,
+                        inplace=True,
+                    )
+                else:
+                    dz = _chunk_backward_torch(z, lab, lse[start:stop], g, opts.ignore_index, opts.temperature)
+                if grad_h is not None:
+                    grad_h[start:stop] = dz @ w
+                if grad_w is not None:
+                    _accumulate_weight_grad(grad_w, dz, h)
+                if grad_b is not None:
+                    grad_b += dz.float().sum(0)
+                del z, dz
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         for p in release:
@@ -251,7 +279,7 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
     )
     if bias is not None and bias_shape != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},) (one entry per vocabulary row), got {describe(bias)}")
-    if hidden.dtype != weight.dtype:
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         raise TypeError(f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -270,7 +298,9 @@ def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chu
     if chunk_size is None:
         chunk_size = auto_chunk_size(n, vocab, h2.shape[1], h2.dtype, h2.device)
     use_triton = select_backend(hidden.device) == "triton"
-    opts = _Options(ignore_index, temperature, max(1, min(chunk_size, max(n, 1))), use_triton)
+    opts = _Options(
+        ignore_index, temperature, max(1, min(chunk_size, max(n, 1))), use_triton, compute_dtype(h2, weight)
+    )
     # Gather ZeRO-3 partitions *before* apply, so autograd records the full parameter shapes.
     with gathered(weight, bias):
         logp = FusedLinearLogprobsFunction.apply(h2, weight, bias, labels.reshape(-1).contiguous(), opts)
@@ -298,6 +328,9 @@ def fused_linear_token_logprobs(
 
     Returns:
         fp32 [...] log-probs, differentiable w.r.t. hidden, weight and bias (weight/bias gradients accumulated in fp32).
+
+    Under ``torch.autocast`` the logits are computed in the autocast dtype, as an ``nn.Linear`` lm_head would compute
+    them (hidden and weight may then differ in dtype), and recomputed in it in the backward wherever that runs.
     """
     hidden, weight, labels, bias, temperature, vocab = _validate_linear(
         hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature
