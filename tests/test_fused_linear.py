@@ -460,10 +460,14 @@ def test_last_chunk_of_logits_is_kept_for_the_backward(backend_name, backend, mo
     hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows: chunks of 4, 4, 2
     g = torch.randn(13, generator=torch.Generator().manual_seed(4))
     seen = count_gemm_rows(monkeypatch)
+    buffers = []
+    init = fl._Chunks.__init__
+    monkeypatch.setattr(fl._Chunks, "__init__", lambda self, *a: buffers.append(a) or init(self, *a))
     h, w, b = leaves(hidden, weight, bias)
     out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
     out.backward(g, retain_graph=True)
     assert seen["logits"] == [4, 4, 2, 4, 4] and sum(seen["weight_grad"]) == 10  # the 2-row chunk not recomputed
+    assert len(buffers) == 1  # the backward worked in the forward's chunk buffers: one set per call
     ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
     torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
     for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):

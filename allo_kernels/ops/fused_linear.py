@@ -404,7 +404,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         if (n_rows or held_z is not None) and (need_h or need_w or need_b):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                if chunks is None or chunks.size < min(n_rows, opts.chunk_size or n_rows):
+                if chunks is None:  # else the forward's buffers, sized for at least as many rows as are left
                     chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], max(n_rows, 1), hidden.device)
                 chunks.bind(weight, bias)
                 work = _chunk_indices(n_rows, rows, chunks.size)
