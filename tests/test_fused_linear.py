@@ -376,13 +376,16 @@ def test_ignored_and_zero_gradient_rows_are_not_computed(backend_name, dtype, ba
     hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
     seen = count_gemm_rows(monkeypatch)
     h, w, b = leaves(hidden, weight, bias)
-    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=7)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=6)
     n_valid = int((labels != -100).sum())
-    assert sum(seen["logits"]) == n_valid and max(seen["logits"]) == 7
+    assert sum(seen["logits"]) == n_valid and max(seen["logits"]) == 6
     out.backward(g)
-    n_active = int(((labels != -100) & (g != 0)).sum())
-    assert 0 < n_active < n_valid
-    assert sum(seen["logits"]) == n_valid + n_active and sum(seen["weight_grad"]) == n_active
+    active = (labels != -100) & (g != 0)
+    n_active = int(active.sum())
+    last_chunk = (labels != -100).nonzero()[:, 0][(n_valid - 1) // 6 * 6 :]  # its logits were kept, not recomputed
+    n_kept = int(active[last_chunk].sum())
+    assert 0 < n_kept < len(last_chunk) and 0 < n_active < n_valid
+    assert sum(seen["logits"]) == n_valid + n_active - n_kept and sum(seen["weight_grad"]) == n_active
     ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
     torch.testing.assert_close(out.detach(), ref, **TOL[dtype])
     torch.testing.assert_close(h.grad.float(), gh, **TOL[dtype])
@@ -478,3 +481,22 @@ def test_last_chunk_of_logits_is_kept_for_the_backward(backend_name, backend, mo
         torch.testing.assert_close(got, 2 * want, **TOL[torch.float32])
     with torch.no_grad():  # nothing to keep without a backward
         ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+
+
+def test_compact_rows_in_place_across_blocks(monkeypatch):
+    monkeypatch.setattr(fl, "_COMPACT_BLOCK_ROWS", 2)
+    x = torch.arange(40.0).reshape(10, 4)
+    keep = torch.tensor([1, 2, 5, 6, 7, 9])
+    expect = x[keep].clone()
+    fl._compact_rows(x, keep)
+    assert torch.equal(x[:6], expect)
+
+
+def test_auto_chunks_are_equal_so_the_kept_one_is_full(backend, monkeypatch):
+    backend("torch")
+    hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows, V=150
+    monkeypatch.setattr(fl, "MAX_CHUNK_BYTES_CPU", 7 * 150 * 4)  # budget: 7 rows
+    seen = count_gemm_rows(monkeypatch)
+    h, w, b = leaves(hidden, weight, bias)
+    ak.fused_linear_token_logprobs(h, w, labels, bias=b).sum().backward()
+    assert seen["logits"] == [5, 5, 5]  # not 7 + 3: the backward recomputes 5 rows, not 7

@@ -36,8 +36,10 @@ Two paths run the per-chunk vocabulary work:
   run in fp32 on fp32 copies of the (exactly representable) half values, with the same rounding of the results.
 
 Memory: the chunk buffers above fit ``auto_chunk_size``'s budget; on top come the [N, H] hidden gradient, the fp32
-[V, H] weight-gradient accumulator when W is trained (it is the returned gradient itself for fp32 weights), and, for
-half inputs on CPUs without native half GEMMs, an fp32 copy of W.
+[V, H] weight-gradient accumulator when W is trained (it is the returned gradient itself for fp32 weights; on CUDA
+half inputs add one fp32 [V, H] product per chunk, reused by the caching allocator), and, for half inputs on CPUs
+without native half GEMMs, an fp32 copy of W. The last chunk's buffers stay alive from the forward to the backward
+(when a backward will follow: grad mode on and an input requiring grad), which reuses them; the peak is unchanged.
 
 Under ``torch.autocast`` the logits are computed in the autocast dtype (what ``nn.Linear`` would give), in the
 forward and again in the backward, wherever the backward runs.
@@ -211,9 +213,11 @@ class _Chunks:
         # interpreter, in tests) keeps the compute dtype so the kernels see what they see on a GPU.
         self.fp32_gemm = (not opts.use_triton) and not native_half_gemm(self.dtype, device)
         self.gemm_dtype = torch.float32 if self.fp32_gemm else self.dtype
-        size = opts.chunk_size or auto_chunk_size(
-            n_rows, vocab, hidden_size, self.dtype, device, torch_path=not opts.use_triton
-        )
+        if opts.chunk_size is None:
+            size = auto_chunk_size(n_rows, vocab, hidden_size, self.dtype, device, torch_path=not opts.use_triton)
+            size = -(-n_rows // -(-n_rows // size))  # equal chunks: the last one, kept for the backward, is full
+        else:
+            size = opts.chunk_size
         self.size = max(1, min(size, n_rows))
         self.weight = self.bias = None
         if opts.use_triton:
@@ -269,6 +273,20 @@ class _Chunks:
     def hidden_grad(self, dz: torch.Tensor) -> torch.Tensor:
         """dH = dZ W for the chunk, rounded to the compute dtype (as a GEMM in it would be)."""
         return (dz @ self.weight).to(self.dtype)
+
+
+_COMPACT_BLOCK_ROWS = 64
+
+
+def _compact_rows(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """Move rows ``keep`` (ascending) of ``x`` to its front, in place, through a scratch of 64 rows at a time.
+
+    Safe in place: row j receives row keep[j] >= j, and a block only writes rows below every source a later block
+    reads (keep[j'] >= j' for the later j').
+    """
+    for start in range(0, keep.numel(), _COMPACT_BLOCK_ROWS):
+        stop = min(keep.numel(), start + _COMPACT_BLOCK_ROWS)
+        x[start:stop] = x.index_select(0, keep[start:stop])
 
 
 def _forward_chunk_torch(x: torch.Tensor, labels: torch.Tensor, temperature: float):
@@ -361,8 +379,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                     _scatter_rows(logp, index, logp_c)
                     _scatter_rows(lse, index, lse_c)
                     if keep:
-                        # The last chunk's logits (and the buffers) go to the backward: one GEMM fewer there, and
-                        # no more memory at its peak, which needs one chunk buffer anyway.
+                        # The last chunk's logits (and the buffers) go to the backward: its active rows need no
+                        # recompute there, and its peak, which needs one chunk buffer anyway, is unchanged.
                         ctx.held = (chunks, index, z)
                 chunks.unbind()
                 del chunks
@@ -384,15 +402,18 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         active = (labels != opts.ignore_index) & (grad_logp != 0)
         chunks = held_index = held_z = None
         if held is not None:
+            # The kept chunk's active rows are moved to its front and used as they are (not recomputed); its rows
+            # with a zero gradient are dropped there, so that none ever enters a GEMM. Its buffers serve the rest.
             chunks, held_index, held_z = held
-            # The kept logits serve when every row of the chunk is active (the dense case: SFT, chosen responses);
-            # otherwise its active rows are recomputed with the others, in its buffers, so that no row with a zero
-            # gradient ever enters a GEMM.
-            if bool(active[held_index].all()):
-                active = active.clone()
-                active[held_index] = False
-            else:
+            keep = active[held_index].nonzero()[:, 0]  # a host sync
+            active = active.clone()
+            active[held_index] = False
+            if keep.numel() == 0:
                 held_index = held_z = None
+            elif keep.numel() < held_z.shape[0]:
+                _compact_rows(held_z, keep)
+                held_z = held_z[: keep.numel()]
+                held_index = keep + held_index.start if isinstance(held_index, slice) else held_index[keep]
         rows = _active_rows(active)
         n_rows = hidden.shape[0] if rows is None else rows.numel()
         grad_h = None
