@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 
 from . import losses
+from ._backend import select_backend
 from ._validate import check_choice, check_tensor, describe
-from .ops.fused_linear import fused_linear_token_scores
-from .ops.token_scores import TokenScores, token_scores
+from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
+from .ops.token_scores import TokenScores, scores_from_logprobs, token_scores, validate_score_options
 
 PREFERENCE_LOSS_TYPES = (*losses.DPO_LOSS_TYPES, "simpo")
 MASK_SIDES = ("rejected", "chosen", "both", "none")
@@ -30,6 +31,49 @@ def _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, **kw) -> T
             raise ValueError("lm_head_bias was given without lm_head_weight")
         return token_scores(policy, labels, **kw)
     return fused_linear_token_scores(policy, lm_head_weight, labels, bias=lm_head_bias, chunk_size=chunk_size, **kw)
+
+
+def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, sides, **common):
+    """Scores of both halves of a ``[chosen; rejected]`` batch from ONE fused-linear call over all its rows (one chunk
+    loop, one kept chunk, one cast of the lm_head), split afterwards; ``sides`` = per-half options."""
+    half = labels.shape[0] // 2
+    checked = [
+        validate_score_options(
+            labels[rows],
+            side["ref_logprobs"],
+            side["weights"],
+            beta=common["beta"],
+            mask_fraction=side["mask_fraction"],
+            mask_by=common["mask_by"],
+            mask_scope=common["mask_scope"],
+        )
+        for rows, side in zip((slice(None, half), slice(half, None)), sides)
+    ]
+    logprobs = fused_linear_token_logprobs(
+        policy,
+        lm_head_weight,
+        labels,
+        bias=lm_head_bias,
+        ignore_index=common["ignore_index"],
+        temperature=common["temperature"],
+        chunk_size=chunk_size,
+    )
+    use_triton = select_backend(policy.device) == "triton"
+    return [
+        scores_from_logprobs(
+            logprobs[rows],
+            labels[rows],
+            ref,
+            w,
+            beta=beta,
+            mask_fraction=fraction,
+            mask_by=common["mask_by"],
+            mask_scope=common["mask_scope"],
+            ignore_index=common["ignore_index"],
+            use_triton=use_triton,
+        )
+        for rows, (ref, w, beta, fraction) in zip((slice(None, half), slice(half, None)), checked)
+    ]
 
 
 def _halves(name: str, t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -90,28 +134,17 @@ def preference_loss(
     common = dict(beta=beta, mask_by=mask_by, mask_scope=mask_scope, ignore_index=ignore_index, temperature=temperature)
     frac_c = mask_fraction if mask_side in ("chosen", "both") else 0.0
     frac_r = mask_fraction if mask_side in ("rejected", "both") else 0.0
-    c = _scores(
-        policy_c,
-        labels_c,
-        lm_head_weight,
-        lm_head_bias,
-        chunk_size,
-        ref_logprobs=ref_c,
-        weights=w_c,
-        mask_fraction=frac_c,
-        **common,
+    sides = (
+        dict(ref_logprobs=ref_c, weights=w_c, mask_fraction=frac_c),
+        dict(ref_logprobs=ref_r, weights=w_r, mask_fraction=frac_r),
     )
-    r = _scores(
-        policy_r,
-        labels_r,
-        lm_head_weight,
-        lm_head_bias,
-        chunk_size,
-        ref_logprobs=ref_r,
-        weights=w_r,
-        mask_fraction=frac_r,
-        **common,
-    )
+    if lm_head_weight is not None:
+        c, r = _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, sides, **common)
+    else:
+        c, r = (
+            _scores(p, lab, None, lm_head_bias, chunk_size, **side, **common)
+            for p, lab, side in zip((policy_c, policy_r), (labels_c, labels_r), sides)
+        )
 
     if loss_type == "simpo":
         loss, metrics = losses.simpo_loss(

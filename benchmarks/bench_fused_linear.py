@@ -24,18 +24,32 @@ chunked losses compute their gradients inside the forward, so a forward-only com
 * ``unfused``       ``token_logprobs(hidden @ W.T)`` + ``sft_loss``.
 * ``eager``         ``cross_entropy((hidden @ W.T).float(), labels)``.
 * ``liger``         ``LigerFusedLinearCrossEntropyLoss`` (Triton; CUDA only).
+* ``cce``           Apple's Cut Cross-Entropy ``linear_cross_entropy`` (``impl="cce"`` on GPU; ``impl="torch_compile"``
+                    on CPU, run only with ``ALLO_BENCH_COMPILE_CPU=1``: its Inductor build takes minutes there).
 
-Liger is optional (``pip install --no-deps liger-kernel``, see the README); its rows are skipped when it is not
-importable. On CPU Liger's chunked DPO runs eagerly (``compiled=False``: no Inductor builds on small CPU boxes); its
-CE kernel needs a GPU. DESIGN targets (GPU, B=16 pairs, T=1024, H=4096, V=128256, bf16): ``allo`` peak memory
+Liger and Cut Cross-Entropy are optional (``pip install --no-deps liger-kernel cut-cross-entropy``, see the
+README); their rows are skipped when they are not importable. On CPU Liger's chunked DPO runs eagerly
+(``compiled=False``) unless ``ALLO_BENCH_COMPILE_CPU=1`` (Inductor builds take minutes on small CPU boxes); its CE
+kernel needs a GPU. DESIGN targets (GPU, B=16 pairs, T=1024, H=4096, V=128256, bf16): ``allo`` peak memory
 <= 0.25x ``eager_hf`` and <= ``liger``; time <= ``liger`` and <= 1.1x ``unfused``.
 
 Peak memory is the harness's: what one call allocates beyond its inputs (hidden, weight, labels, reference tensors),
 the returned gradients included. Labels are all valid.
+
+Run as a script (``python -m benchmarks.bench_fused_linear --json benchmarks/results/cpu-fused_linear.json``) it
+measures the issue-17 table instead: every contender of a case alive in one process and timed round-robin (the order
+reversed every other round), with paired ratios (contender time / allo time within a round; median and range), and
+the peak memory of each contender in a subprocess of its own (CPU: peak RSS during one call after a warm-up call,
+``VmHWM`` reset through ``/proc/self/clear_refs``, minus the RSS just before it; CUDA: ``max_memory_allocated``).
+Cases (``CASES`` below): SFT cross-entropy N=8192, H=1024, V=32000 in fp32 and bf16 against eager and CCE; sigmoid
+DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90% of each rejected response's tokens
+dropped (ALLO's improving-stage mask), lm_head trainable and frozen, against Liger's compiled chunked DPO and the
+eager TRL path; token-weighted NPO (ALLO's forgetting stage) with all and with 20% of the weights nonzero.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -53,6 +67,7 @@ from benchmarks.conftest import (
     pick_shapes,
     record_skip,
     run_case,
+    sync,
 )
 
 DEVICE = bench_device()
@@ -65,7 +80,8 @@ DPO_SHAPES = pick_shapes(cpu=[(2, 128, 64, 2000), (2, 128, 128, 8000)], gpu=[(16
 # (N tokens, H, V)
 CE_SHAPES = pick_shapes(cpu=[(256, 64, 2000), (1024, 128, 8000)], gpu=[(4096, 4096, 128256), (32768, 4096, 128256)])
 DPO_IMPLS = ("allo", "unfused", "eager_hf", "liger", "liger_noref")
-CE_IMPLS = ("allo", "unfused", "eager", "liger")
+CE_IMPLS = ("allo", "unfused", "eager", "liger", "cce")
+COMPILE_CPU = os.environ.get("ALLO_BENCH_COMPILE_CPU", "0") not in ("", "0", "false", "False")
 
 
 # ------------------------------------------------------------------------------------------------ implementations
@@ -105,6 +121,21 @@ def unfused_ce(hidden, weight, labels):
     return allo_kernels.losses.sft_loss(logp, labels != -100)[0]
 
 
+def cce_linear_cross_entropy():
+    """cut_cross_entropy.linear_cross_entropy, or None when it is not importable."""
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except Exception:
+        return None
+    return linear_cross_entropy
+
+
+def cce_ce(hidden, weight, labels):
+    """Cut Cross-Entropy, mean NLL over the valid tokens (its own ignored-row skipping)."""
+    impl = "cce" if hidden.is_cuda else "torch_compile"
+    return cce_linear_cross_entropy()(hidden, weight, labels, ignore_index=-100, reduction="mean", impl=impl)
+
+
 def liger_modules():
     """(LigerFusedLinearDPOLoss, LigerFusedLinearCrossEntropyLoss) or None when liger_kernel is not importable."""
     try:
@@ -125,8 +156,9 @@ def liger_dpo(hidden, weight, labels, ref_hidden=None, ref_weight=None):
     key = ("dpo", use_ref)
     if key not in _LIGER_LOSSES:
         dpo_cls = liger_modules()[0]
-        # compiled=True is Liger's default and how it is used on GPUs; on CPU its torch code runs eagerly.
-        _LIGER_LOSSES[key] = dpo_cls(beta=BETA, use_ref_model=use_ref, compiled=ON_GPU, average_log_prob=False)
+        # compiled=True is Liger's default and how it is used on GPUs; on CPU only with ALLO_BENCH_COMPILE_CPU=1.
+        compiled = ON_GPU or COMPILE_CPU
+        _LIGER_LOSSES[key] = dpo_cls(beta=BETA, use_ref_model=use_ref, compiled=compiled, average_log_prob=False)
     if use_ref:
         out = _LIGER_LOSSES[key](weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
     else:
@@ -150,6 +182,11 @@ def skip_reason(impl: str, suite: str) -> str | None:
             return "liger_kernel is not importable (pip install --no-deps liger-kernel, see benchmarks/README.md)"
         if suite == "fused_linear_ce" and not ON_GPU:
             return "CPU: Liger's fused-linear cross-entropy is a Triton kernel (GPU only)"
+    if impl == "cce":
+        if cce_linear_cross_entropy() is None:
+            return "cut_cross_entropy is not importable (pip install --no-deps cut-cross-entropy, see the README)"
+        if not ON_GPU and not COMPILE_CPU:
+            return "CPU: CCE's torch_compile impl needs minutes of Inductor builds; set ALLO_BENCH_COMPILE_CPU=1"
     return None
 
 
@@ -161,7 +198,9 @@ def impl_note(impl: str, suite: str) -> str | None:
     if impl == "liger_noref":
         return "use_ref_model=False (no reference pass): Liger's cheapest setting"
     if impl.startswith("liger") and not ON_GPU:
-        return "CPU: compiled=False"
+        return "CPU: compiled" if COMPILE_CPU else "CPU: compiled=False"
+    if impl == "cce":
+        return "impl='cce'" if ON_GPU else "impl='torch_compile'"
     return None
 
 
@@ -239,7 +278,7 @@ def _check_loss(results, suite, impl, params, compute_got, compute_expect) -> No
 
 
 def _warmup(impl: str) -> int | None:
-    if impl.startswith("liger") and ON_GPU:
+    if (impl.startswith("liger") or impl == "cce") and (ON_GPU or COMPILE_CPU):
         return max(2, int(os.environ.get("ALLO_BENCH_WARMUP", "3")))  # the first calls compile
     return None
 
@@ -295,7 +334,7 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
     if reason:
         record_skip(results, suite=suite, case="full", impl=impl, params=params, dtype=dname, reason=reason)
     hidden, weight, labels = ce_inputs(n, h, v)
-    loss_fn = {"allo": allo_ce, "unfused": unfused_ce, "eager": eager_ce, "liger": liger_ce}[impl]
+    loss_fn = {"allo": allo_ce, "unfused": unfused_ce, "eager": eager_ce, "liger": liger_ce, "cce": cce_ce}[impl]
     _check_loss(
         results, suite, impl, params, lambda: loss_fn(hidden, weight, labels), lambda: allo_ce(hidden, weight, labels)
     )
@@ -314,6 +353,253 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
         dtype=dname,
         fn=timed,
         ours=impl == "allo",
+        warmup=_warmup(impl),
         note=impl_note(impl, suite),
         extra={"backend": select_backend(DEVICE)} if impl in ("allo", "unfused") else None,
     )
+
+
+# ------------------------------------------------------------------------------------ the issue-17 table (a script)
+# case -> (kind, shape, dtype, contenders). allo is the first contender of every case: ratios are against it.
+CASES: dict[str, tuple[str, dict[str, int], torch.dtype, tuple[str, ...]]] = {
+    "ce_fp32": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.float32, ("allo", "eager", "cce")),
+    "ce_bf16": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
+    "dpo_fp32": (
+        "dpo",
+        {"B": 4, "T": 512, "H": 1024, "V": 32000},
+        torch.float32,
+        ("allo", "allo_prompt40", "allo_drop90", "allo_frozen", "allo_drop90_frozen", "liger", "eager_hf"),
+    ),
+    "npo_fp32": (
+        "npo",
+        {"B": 8, "T": 512, "H": 1024, "V": 32000},
+        torch.float32,
+        ("allo", "allo_w20", "allo_w20_frozen"),
+    ),
+}
+_STANDALONE_NOTES = {
+    "allo_prompt40": "the first 40% of each sequence's positions are prompt (ignore_index)",
+    "allo_drop90": "mask_fraction=0.9 on the rejected half: 90% of each rejected response's tokens dropped",
+    "allo_frozen": "lm_head frozen (gradient for hidden only)",
+    "allo_drop90_frozen": "90% of rejected tokens dropped, lm_head frozen",
+    "allo_w20": "20% of the token weights nonzero",
+    "allo_w20_frozen": "20% of the token weights nonzero, lm_head frozen",
+    "liger": "LigerFusedLinearDPOLoss(compiled=True), reference recomputed from ref_input x ref_weight",
+    "eager_hf": "hidden @ W.T, log_softmax(.float()), gather, sums, sigmoid DPO (TRL-0.8 / official ALLO)",
+    "eager": "cross_entropy((hidden @ W.T).float())",
+    "cce": "cut_cross_entropy.linear_cross_entropy(impl='torch_compile' on CPU, 'cce' on GPU)",
+}
+
+
+_SAME_LOSS_AS_ALLO = {"eager", "cce", "liger", "eager_hf", "allo_frozen"}
+
+
+def standalone_skip(case: str, impl: str) -> str | None:
+    dtype = CASES[case][2]
+    if impl == "liger" and liger_modules() is None:
+        return "liger_kernel is not importable (pip install --no-deps liger-kernel, see benchmarks/README.md)"
+    if impl == "cce" and cce_linear_cross_entropy() is None:
+        return "cut_cross_entropy is not importable (pip install --no-deps cut-cross-entropy)"
+    if impl in ("eager", "cce", "eager_hf", "liger") and DEVICE.type == "cpu":
+        from allo_kernels.ops.fused_linear import native_half_gemm
+
+        if not native_half_gemm(dtype, DEVICE):
+            return (
+                f"this CPU has no native {dtype_name(dtype)} GEMM (no AVX512-BF16/AMX: torch falls back to a scalar "
+                "GEMM measured at 0.2-6 GFLOP/s against 50-120 for fp32), so one call would take tens of minutes; "
+                "allo runs its GEMMs in fp32 there"
+            )
+    return None
+
+
+def standalone_inputs(case: str, impl: str):
+    """(fn, leaves): fn() returns the loss; its gradient w.r.t. leaves is what one timed call computes."""
+    kind, shape, dtype, _ = CASES[case]
+    gen = torch.Generator(device=DEVICE).manual_seed(17)
+    h, v = shape["H"], shape["V"]
+    frozen = impl.endswith("_frozen")
+    if kind == "ce":
+        n = shape["N"]
+        hidden = torch.randn(n, h, device=DEVICE, generator=gen).to(dtype).requires_grad_()
+        weight = (torch.randn(v, h, device=DEVICE, generator=gen) * h**-0.5).to(dtype).requires_grad_()
+        labels = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
+        fn = {"allo": allo_ce, "eager": eager_ce, "cce": cce_ce}[impl]
+        return (lambda: fn(hidden, weight, labels)), (hidden, weight)
+    rows, t = (2 * shape["B"], shape["T"]) if kind == "dpo" else (shape["B"], shape["T"])
+    hidden = torch.randn(rows, t, h, device=DEVICE, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, device=DEVICE, generator=gen) * h**-0.5).to(dtype).requires_grad_(not frozen)
+    labels = torch.randint(0, v, (rows, t), device=DEVICE, generator=gen)
+    if impl == "allo_prompt40":
+        labels[:, : int(0.4 * t)] = -100
+    leaves = (hidden,) if frozen else (hidden, weight)
+    if kind == "npo":
+        ref = torch.randn(rows, t, device=DEVICE, generator=gen) - 10.0
+        keep = torch.rand(rows, t, device=DEVICE, generator=gen) < (0.2 if "_w20" in impl else 2.0)
+        w_tok = torch.where(keep, torch.rand(rows, t, device=DEVICE, generator=gen), 0.0)
+        return (
+            lambda: allo_kernels.forgetting_loss(
+                hidden, labels, lm_head_weight=weight, ref_logprobs=ref, weights=w_tok
+            )[0]
+        ), leaves
+    ref_hidden = (hidden.detach() + 0.1 * torch.randn(hidden.shape, device=DEVICE, generator=gen)).to(dtype)
+    ref_weight = (weight.detach().float() + 0.1 * _weight(v, h, gen).float()).to(dtype)
+    with torch.no_grad():
+        ref = allo_kernels.fused_linear_token_logprobs(ref_hidden, ref_weight, labels)
+    if impl == "liger":
+        return (lambda: liger_dpo(hidden, weight, labels, ref_hidden, ref_weight)), leaves
+    if impl == "eager_hf":
+        return (lambda: eager_hf_dpo(hidden, weight, labels, ref)), leaves
+    fraction = 0.9 if "drop90" in impl else 0.0
+    return (
+        lambda: allo_kernels.preference_loss(
+            hidden, labels, lm_head_weight=weight, ref_logprobs=ref, beta=BETA, mask_fraction=fraction
+        )[0]
+    ), leaves
+
+
+def _call(fn, leaves) -> None:
+    loss = fn()
+    grads = torch.autograd.grad(loss, leaves)
+    sync(DEVICE)
+    del loss, grads
+
+
+def _rss_mb(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_memory_child(case: str, impl: str) -> dict:
+    """In a fresh process: build the inputs, warm up (compiles), then the peak extra memory of one call."""
+    import ctypes
+    import gc
+
+    fn, leaves = standalone_inputs(case, impl)
+    if impl in ("liger", "cce"):
+        _call(fn, leaves)  # warm-up: the compile's own memory is not the call's
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        _call(fn, leaves)
+        return {"peak_extra_mb": (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20}
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS, so the baseline is what is live
+    base = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    _call(fn, leaves)
+    peak = _rss_mb("VmHWM")
+    return {"peak_extra_mb": peak - base, "rss_before_mb": base, "peak_rss_mb": peak}
+
+
+def _peak_memory(case: str, impl: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.bench_fused_linear", "--peak-memory-child", case, impl]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=str(_repo_root()))
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(len(xs) - 1, int(k) + 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_standalone(cases: list[str], rounds: int) -> dict:
+    import statistics
+    import time
+
+    from benchmarks.conftest import environment_metadata
+
+    report = {"metadata": environment_metadata(DEVICE), "rounds": rounds, "cases": {}}
+    for case in cases:
+        kind, shape, dtype, impls = CASES[case]
+        entry = {"kind": kind, "shape": shape, "dtype": dtype_name(dtype), "contenders": {}}
+        report["cases"][case] = entry
+        live = {}
+        for impl in impls:
+            reason = standalone_skip(case, impl)
+            if reason:
+                entry["contenders"][impl] = {"status": "skipped", "reason": reason}
+                continue
+            live[impl] = standalone_inputs(case, impl)
+        losses = {}
+        for impl, (fn, leaves) in live.items():  # warm-up and the loss check in one
+            t0 = time.perf_counter()
+            losses[impl] = float(fn().detach())
+            _call(fn, leaves)
+            entry["contenders"][impl] = {"status": "ok", "warmup_s": time.perf_counter() - t0, "loss": losses[impl]}
+            print(f"[{case}] warm-up {impl}: {time.perf_counter() - t0:.1f} s, loss {losses[impl]:.6f}", flush=True)
+        for impl in live.keys() & _SAME_LOSS_AS_ALLO:  # a fast wrong answer is not a result
+            if "allo" in losses and not math.isclose(losses[impl], losses["allo"], rel_tol=1e-3, abs_tol=1e-4):
+                raise AssertionError(f"{case}: {impl} loss {losses[impl]} != allo's {losses['allo']}")
+        times = {impl: [] for impl in live}
+        for r in range(rounds):
+            order = list(live) if r % 2 == 0 else list(reversed(live))
+            for impl in order:
+                t0 = time.perf_counter()
+                _call(*live[impl])
+                times[impl].append(time.perf_counter() - t0)
+            print(f"[{case}] round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+        base = times.get("allo")
+        for impl, ts in times.items():
+            row = entry["contenders"][impl]
+            row.update({"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "times_s": ts})
+            if base is not None:
+                ratios = [a / b for a, b in zip(ts, base)]
+                row["ratio_to_allo"] = {
+                    "median": statistics.median(ratios),
+                    "p10": _percentile(ratios, 0.1),
+                    "p90": _percentile(ratios, 0.9),
+                }
+            if _STANDALONE_NOTES.get(impl):
+                row["note"] = _STANDALONE_NOTES[impl]
+        del live
+        free_memory(DEVICE)
+        for impl in times:
+            entry["contenders"][impl]["memory"] = mem = _peak_memory(case, impl)
+            print(f"[{case}] peak memory {impl}: {mem}", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--peak-memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peak_memory_child:
+        print(json.dumps(peak_memory_child(*args.peak_memory_child)))
+        return 0
+    report = run_standalone(args.cases, args.rounds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    print(
+        json.dumps({c: {k: v.get("median_s") for k, v in e["contenders"].items()} for c, e in report["cases"].items()})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

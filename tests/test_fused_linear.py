@@ -159,7 +159,8 @@ def test_zero3_partitioned_weight_is_gathered(backend):
 def test_auto_chunk_size():
     assert fl.auto_chunk_size(10, 100, 8, torch.float32, torch.device("cpu")) == 10
     rows = fl.auto_chunk_size(10**6, 128256, 4096, torch.bfloat16, torch.device("cpu"))
-    assert rows * 128256 * (2 + 8) <= fl.MAX_CHUNK_BYTES_CPU and rows >= 128
+    assert rows * fl.chunk_bytes_per_row(128256, torch.bfloat16, torch_path=True) <= fl.MAX_CHUNK_BYTES_CPU
+    assert rows >= 128
     assert fl.auto_chunk_size(10**6, 1000, 64, torch.float32, torch.device("cpu")) % 128 == 0
 
 
@@ -210,3 +211,292 @@ def test_zero3_partitioned_frozen_weight(backend):
     assert w.gathers == 2 and w.numel() == 0 and w.grad is None
     _, gh, _, _ = reference(hidden, weight, None, labels, g)
     torch.testing.assert_close(h.grad, gh, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- issue 11.14: ignored rows, huge logits
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_ignored_row_with_huge_logits_has_zero_gradient(backend_name, backend):
+    backend(backend_name)
+    # Row 1 is ignored and its logits (100) overflow exp(z - 0); it must contribute exactly nothing.
+    h = torch.full((2, 1), 100.0, requires_grad=True)
+    w = torch.ones(8, 1, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    labels = torch.tensor([3, -100])
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b)
+    out.sum().backward()
+    ref, gh, gw, gb = reference(h.detach(), w.detach(), b.detach(), labels, torch.ones(2))
+    torch.testing.assert_close(out.detach(), ref)
+    for got, expect in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expect, **TOL[torch.float32])
+    assert h.grad[1].item() == 0.0
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_scores_and_preference_loss_with_ignored_huge_logits(backend_name, backend):
+    backend(backend_name)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 6, 5, generator=g)
+    hidden[:, :2] = 60.0  # prompt rows: ignored, logits far beyond exp's range
+    weight = torch.randn(30, 5, generator=g)
+    labels = torch.randint(0, 30, (4, 6), generator=g)
+    labels[:, :2] = -100
+    ref = torch.where(labels != -100, torch.randn(4, 6, generator=g) - 3.0, 0.0)
+    h1, w1 = leaves(hidden, weight)
+    s = ak.fused_linear_token_scores(h1, w1, labels, ref_logprobs=ref, chunk_size=5)
+    s.seq_logprobs.sum().backward()
+    h2, w2 = leaves(hidden, weight)
+    ak.token_scores(h2 @ w2.t(), labels, ref_logprobs=ref).seq_logprobs.sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, **TOL[torch.float32])
+    torch.testing.assert_close(w1.grad, w2.grad, **TOL[torch.float32])
+
+    h1, w1 = leaves(hidden, weight)
+    ak.preference_loss(h1, labels, lm_head_weight=w1, ref_logprobs=ref, mask_fraction=0.5, chunk_size=5)[0].backward()
+    h2, w2 = leaves(hidden, weight)
+    ak.preference_loss(h2 @ w2.t(), labels, ref_logprobs=ref, mask_fraction=0.5)[0].backward()
+    assert torch.isfinite(h1.grad).all() and torch.isfinite(w1.grad).all()
+    torch.testing.assert_close(h1.grad, h2.grad, **TOL[torch.float32])
+    torch.testing.assert_close(w1.grad, w2.grad, **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------- issue 11.15: under autocast
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("backward_inside", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_matches_unfused_under_the_same_autocast(backend_name, backward_inside, bias, backend):
+    backend(backend_name)
+    hidden, weight, b, labels = make(torch.float32, lead=(2, 7), V=70, bias=bias)
+    hidden = hidden * 4  # logits of std ~4: the bf16 rounding of the logits matters (the bug was 17-25% off)
+    g = torch.randn(2, 7, generator=torch.Generator().manual_seed(2))
+    h1, w1, b1 = leaves(hidden, weight, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ak.fused_linear_token_logprobs(h1, w1, labels, bias=b1, chunk_size=5)
+        if backward_inside:
+            out.backward(g)
+    if not backward_inside:
+        out.backward(g)
+    h2, w2, b2 = leaves(hidden, weight, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(h2, w2, b2)  # an nn.Linear lm_head under autocast: bf16 logits
+        expect = token_logprobs_reference(z, labels)
+    expect.backward(g)
+    assert z.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert h1.grad.dtype == w1.grad.dtype == torch.float32
+    torch.testing.assert_close(out.detach(), expect.detach(), **TOL[torch.bfloat16])
+    for got, want in ((h1, h2), (w1, w2)) + (((b1, b2),) if bias else ()):
+        torch.testing.assert_close(got.grad, want.grad, **TOL[torch.bfloat16])
+
+
+def test_autocast_accepts_mixed_input_dtypes(backend):
+    backend("torch")
+    hidden, weight, _, labels = make(torch.float32, V=40, bias=False)
+    h = hidden.bfloat16().requires_grad_()  # e.g. a bf16 activation and an fp32 lm_head, as autocast leaves them
+    w = weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ak.fused_linear_token_logprobs(h, w, labels)
+    out.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref, gh, gw, _ = reference(h.detach(), w.detach().bfloat16(), None, labels, torch.ones(labels.shape))
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(h.grad.float(), gh, **TOL[torch.bfloat16])
+    torch.testing.assert_close(w.grad, gw, **TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------------- issue 17: only the rows that count are computed
+def todays_path(hidden, weight, bias, labels, g, *, chunk_size, temperature, ignore_index=-100):
+    """The fp32 torch path as it was before rows were skipped (every row chunked and recomputed), frozen here as the
+    oracle for 'values and gradients identical to today's path'."""
+    n = hidden.shape[0]
+    logp, lse = torch.zeros(n), torch.zeros(n)
+    gh, gw, gb = torch.empty_like(hidden), torch.zeros(weight.shape), torch.zeros(bias.shape)
+    valid = labels != ignore_index
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        x = torch.addmm(bias, hidden[s:e], weight.t()).float() / temperature
+        lse[s:e] = torch.where(valid[s:e], torch.logsumexp(x, -1), 0.0)
+        target = x.gather(-1, torch.where(valid[s:e], labels[s:e], 0)[:, None])[:, 0]
+        logp[s:e] = torch.where(valid[s:e], target - lse[s:e], 0.0)
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        x = torch.addmm(bias, hidden[s:e], weight.t()).float() / temperature
+        p = torch.exp(torch.where(valid[s:e, None], x - lse[s:e, None], float("-inf")))
+        grad = -p
+        grad[torch.arange(e - s), torch.where(valid[s:e], labels[s:e], 0)] += 1.0
+        dz = grad * torch.where(valid[s:e], g[s:e] / temperature, 0.0)[:, None]
+        torch.mm(dz, weight, out=gh[s:e])
+        gw.addmm_(dz.t(), hidden[s:e])
+        gb += dz.sum(0)
+    return logp, gh, gw, gb
+
+
+def sparse_batch(n=40, H=16, V=150, seed=0):
+    """30% ignored rows (prompt/padding) and half of the valid rows with a zero upstream gradient (dropped tokens)."""
+    hidden, weight, bias, labels = make(torch.float32, lead=(n,), H=H, V=V, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    labels[torch.rand(n, generator=gen) < 0.3] = -100
+    g = torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < 0.5)
+    return hidden, weight, bias, labels, g
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64, None])
+def test_fp32_identical_to_todays_path(chunk_size, backend):
+    backend("torch")
+    hidden, weight, bias, labels, g = sparse_batch()
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=chunk_size, temperature=0.7)
+    out.backward(g)
+    expect = todays_path(hidden, weight, bias, labels, g, chunk_size=chunk_size or 40, temperature=0.7)
+    for got, want in zip((out.detach(), h.grad, w.grad, b.grad), expect):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+def count_gemm_rows(monkeypatch):
+    """Record the rows of every logits GEMM (forward and recompute) and every weight-gradient GEMM."""
+    seen = {"logits": [], "weight_grad": []}
+    linear, accumulate = fl._Chunks._linear, fl._accumulate_weight_grad
+
+    def counting_linear(self, h, out):
+        seen["logits"].append(h.shape[0])
+        return linear(self, h, out)
+
+    def counting_accumulate(acc, dz, h):
+        seen["weight_grad"].append(h.shape[0])
+        return accumulate(acc, dz, h)
+
+    monkeypatch.setattr(fl._Chunks, "_linear", counting_linear)
+    monkeypatch.setattr(fl, "_accumulate_weight_grad", counting_accumulate)
+    return seen
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ignored_and_zero_gradient_rows_are_not_computed(backend_name, dtype, backend, monkeypatch):
+    backend(backend_name)
+    hidden, weight, bias, labels, g = sparse_batch()
+    hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    seen = count_gemm_rows(monkeypatch)
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=6)
+    n_valid = int((labels != -100).sum())
+    assert sum(seen["logits"]) == n_valid and max(seen["logits"]) == 6
+    out.backward(g)
+    active = (labels != -100) & (g != 0)
+    n_active = int(active.sum())
+    last_chunk = (labels != -100).nonzero()[:, 0][(n_valid - 1) // 6 * 6 :]  # its logits were kept, not recomputed
+    n_kept = int(active[last_chunk].sum())
+    assert 0 < n_kept < len(last_chunk) and 0 < n_active < n_valid
+    assert sum(seen["logits"]) == n_valid + n_active - n_kept and sum(seen["weight_grad"]) == n_active
+    ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
+    torch.testing.assert_close(out.detach(), ref, **TOL[dtype])
+    torch.testing.assert_close(h.grad.float(), gh, **TOL[dtype])
+    torch.testing.assert_close(w.grad.float(), gw, **TOL[dtype])
+    torch.testing.assert_close(b.grad.float(), gb, **TOL[dtype])
+    skipped = (labels == -100) | (g == 0)
+    assert torch.count_nonzero(h.grad[skipped]) == 0
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_zero_upstream_gradient_does_no_backward_work(backend_name, backend, monkeypatch):
+    backend(backend_name)
+    hidden, weight, bias, labels, _ = sparse_batch()
+    seen = count_gemm_rows(monkeypatch)
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=8)
+    before = sum(seen["logits"])
+    out.backward(torch.zeros_like(out))
+    assert sum(seen["logits"]) == before and not seen["weight_grad"]
+    assert not h.grad.any() and not w.grad.any() and not b.grad.any()
+
+
+def test_native_half_gemm_path(backend, monkeypatch):
+    """CPUs with oneDNN half GEMMs take the half GEMM branch of the torch path; run it here too (tiny, slow GEMMs)."""
+    backend("torch")
+    monkeypatch.setattr(fl, "native_half_gemm", lambda dtype, device: True)
+    hidden, weight, bias, labels, g = sparse_batch(n=12, V=70)
+    hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=5)
+    out.backward(g)
+    ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.bfloat16])
+    for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+
+
+class RecordShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op run inside, with the shapes of the tensors it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((str(func), [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_frozen_weight_has_no_weight_gradient_gemm_or_accumulator(backend_name, trainable, backend):
+    backend(backend_name)
+    V, H = 150, 16
+    hidden, weight, _, labels, g = sparse_batch(V=V, H=H)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(trainable)
+    out = ak.fused_linear_token_logprobs(h, w, labels, chunk_size=8)
+    with RecordShapes() as rec:
+        out.backward(g)
+    weight_sized = [op for op, shapes in rec.ops if (V, H) in shapes]
+    if trainable:
+        assert weight_sized  # the accumulator and its GEMMs: what the frozen case must not have
+    else:
+        assert weight_sized == [] and w.grad is None
+    _, gh, _, _ = reference(hidden, weight, None, labels, g)
+    torch.testing.assert_close(h.grad, gh, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_last_chunk_of_logits_is_kept_for_the_backward(backend_name, backend, monkeypatch):
+    backend(backend_name)
+    hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows: chunks of 4, 4, 2
+    g = torch.randn(13, generator=torch.Generator().manual_seed(4))
+    seen = count_gemm_rows(monkeypatch)
+    buffers = []
+    init = fl._Chunks.__init__
+    monkeypatch.setattr(fl._Chunks, "__init__", lambda self, *a: buffers.append(a) or init(self, *a))
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+    out.backward(g, retain_graph=True)
+    assert seen["logits"] == [4, 4, 2, 4, 4] and sum(seen["weight_grad"]) == 10  # the 2-row chunk not recomputed
+    assert len(buffers) == 1  # the backward worked in the forward's chunk buffers: one set per call
+    ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
+    torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
+    for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    out.backward(g)  # a second backward recomputes every chunk (the kept one was consumed) and gets the same
+    assert seen["logits"][5:] == [4, 4, 2]
+    for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        torch.testing.assert_close(got, 2 * want, **TOL[torch.float32])
+    with torch.no_grad():  # nothing to keep without a backward
+        ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+
+
+def test_compact_rows_in_place_across_blocks(monkeypatch):
+    monkeypatch.setattr(fl, "_COMPACT_BLOCK_ROWS", 2)
+    x = torch.arange(40.0).reshape(10, 4)
+    keep = torch.tensor([1, 2, 5, 6, 7, 9])
+    expect = x[keep].clone()
+    fl._compact_rows(x, keep)
+    assert torch.equal(x[:6], expect)
+
+
+def test_auto_chunks_are_equal_so_the_kept_one_is_full(backend, monkeypatch):
+    backend("torch")
+    hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows, V=150
+    monkeypatch.setattr(fl, "MAX_CHUNK_BYTES_CPU", 7 * 150 * 4)  # budget: 7 rows
+    seen = count_gemm_rows(monkeypatch)
+    h, w, b = leaves(hidden, weight, bias)
+    ak.fused_linear_token_logprobs(h, w, labels, bias=b).sum().backward()
+    assert seen["logits"] == [5, 5, 5]  # not 7 + 3: the backward recomputes 5 rows, not 7

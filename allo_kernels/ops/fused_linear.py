@@ -1,22 +1,50 @@
 """Fused-linear token log-probs: ``token_logprobs(hidden @ weight.T + bias, labels)`` without the [N, V] logits.
 
-The tokens are processed in chunks of C rows (chunked along tokens, not only along the batch):
+Only the rows that count are computed, in chunks of up to C rows (chunked along tokens, not only along the batch):
 
-    forward, per chunk c:   Z_c = H_c W^T + b           [C, V] in the input dtype (the only V-sized buffer)
-                            logp_c, lse_c = token_logprobs kernel over Z_c
-                            keep lse [N] (4 bytes per token); Z_c is dropped
-    backward, per chunk c:  Z_c recomputed (one more GEMM), then the token_logprobs backward kernel turns it
-                            *in place* into dZ_c = g_c / T * (onehot - softmax(Z_c / T))
-                            dH_c  = dZ_c W                 [C, H]
-                            dW   += dZ_c^T H_c             fp32 accumulator [V, H]
-                            db   += sum_rows dZ_c          fp32 accumulator [V]
+    forward:   rows R_f = {n : label_n != ignore_index}            (one host sync per call to count them)
+               per chunk c of R_f:  Z_c = H_c W^T + b              [C, V] (the only V-sized buffer, reused)
+                                    logp_c, lse_c from Z_c          keep lse [N] (4 bytes per token); Z_c dropped
+               ignored rows: logp = 0, lse = 0, no GEMM, no vocabulary work
+    backward:  rows R_b = {n in R_f : dL/dlogp_n != 0}              (one host sync per call)
+               per chunk c of R_b:  Z_c recomputed (one more GEMM), turned *in place* into
+                                    dZ_c = g_c / T * (onehot - softmax(Z_c / T))
+                                    dH_c  = dZ_c W                  [C, H], scattered to its rows; 0 elsewhere
+                                    dW   += dZ_c^T H_c              fp32 accumulator [V, H], only if W needs a grad
+                                    db   += sum_rows dZ_c           fp32 accumulator [V], only if b needs a grad
+
+So prompt and padding rows (ignore_index), tokens an ALLO mask drops and tokens of zero weight (their upstream
+gradient is exactly 0) cost nothing in the backward, and ignored rows nothing in the forward either. The rows of a
+chunk are gathered from ``hidden`` (``index_select``, [C, H]) only when some rows are skipped; otherwise chunks are
+plain slices. A frozen lm_head (``weight.requires_grad`` False, ALLO's default) has no dW GEMM and no accumulator.
 
 Why recompute instead of "gradient in forward" (what Liger's fused losses do): the gradient of a general alignment
 loss w.r.t. logp_t is known only after every token of the batch was scored (DPO's sigmoid couples all tokens of a
 pair, the percentile mask couples a whole sequence), so computing dZ in the forward would have to fix the loss
 inside the kernel. Recomputing costs one extra [C, H] x [H, V] GEMM per chunk (a third more matmul FLOPs than
-unfused) and keeps every loss in ``allo_kernels.losses`` usable unchanged on top, with per-token weights, masks and
-precomputed reference log-probs. Peak memory is one chunk of logits plus the fp32 weight-gradient accumulator.
+unfused when W is trained) and keeps every loss in ``allo_kernels.losses`` usable unchanged on top, with per-token
+weights, masks and precomputed reference log-probs; the skipped rows win much of it back on real batches.
+
+Two paths run the per-chunk vocabulary work:
+
+* Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): the ``token_logprobs`` kernels on the chunk of logits, the
+  backward writing dZ into the logits buffer itself. Buffers: one [C, V] chunk in the compute dtype.
+* torch (CPU): in-place ops on one fp32 [C, V] work buffer reused by every chunk (for half inputs plus one [C, V]
+  half buffer, where the logits and dZ are rounded to the half type as a half GEMM and the unfused path round
+  them). The weight gradient is accumulated with one in-place ``addmm_`` per chunk, in fp32. On CPUs without native
+  half GEMMs (no AVX512-BF16/AMX: torch's fallback there is 10-300x slower than fp32 MKL) the GEMMs of half inputs
+  run in fp32 on fp32 copies of the (exactly representable) half values, with the same rounding of the results.
+  No ``torch.compile``: the GEMMs are ~87% of this path's time (torch profiler, N=1024, H=1024, V=32000), so fusing
+  the few in-place element-wise passes would not pay for minutes of Inductor builds.
+
+Memory: the chunk buffers above fit ``auto_chunk_size``'s budget; on top come the [N, H] hidden gradient, the fp32
+[V, H] weight-gradient accumulator when W is trained (it is the returned gradient itself for fp32 weights; on CUDA
+half inputs add one fp32 [V, H] product per chunk, reused by the caching allocator), and, for half inputs on CPUs
+without native half GEMMs, an fp32 copy of W. The last chunk's buffers stay alive from the forward to the backward
+(when a backward will follow: grad mode on and an input requiring grad), which reuses them; the peak is unchanged.
+
+Under ``torch.autocast`` the logits are computed in the autocast dtype (what ``nn.Linear`` would give), in the
+forward and again in the backward, wherever the backward runs.
 
 DeepSpeed ZeRO-3: when ``weight`` (and ``bias``) are ZeRO-3 partitions (empty local shards), they are gathered for
 the forward and again for the backward, and released afterwards, through the ``all_gather``/``partition`` methods
@@ -27,6 +55,7 @@ where DeepSpeed's own hooks reduce-scatter it as for any ZeRO-3 parameter.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -36,25 +65,43 @@ from .._validate import FLOAT_DTYPES, check_same_device, check_tensor, describe
 from .token_logprobs import logprobs_backward, logprobs_forward, row_layout, validate_logits_labels
 from .token_scores import TokenScores, scores_from_logprobs, validate_score_options
 
-# Budget for one chunk of logits when chunk_size is None.
+# Budget for the chunk buffers when chunk_size is None.
 MAX_CHUNK_BYTES_CUDA = 1 << 30
 MAX_CHUNK_BYTES_CPU = 256 << 20
 
 
-def auto_chunk_size(n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk: the chunk's [C, V] logits (plus fp32 scratch of the torch path) fit a memory budget.
+def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
+    """Bytes of chunk buffer per row: the logits in ``dtype``; the torch path works in one fp32 buffer (plus, for
+    half inputs, one buffer in the half type)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    if torch_path:
+        elem = 4 if dtype == torch.float32 else 4 + elem
+    return vocab_size * elem
+
+
+def auto_chunk_size(
+    n_rows: int,
+    vocab_size: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    torch_path: bool | None = None,
+) -> int:
+    """Rows per chunk: the chunk buffers (``chunk_bytes_per_row``) fit a memory budget.
 
     On CUDA the budget is min(1 GiB, free memory / 8); on CPU 256 MiB. Larger chunks make larger GEMMs (better
-    tensor-core use) and fewer launches; beyond ~1 GiB of logits there is nothing left to gain.
+    tensor-core use) and fewer launches; beyond ~1 GiB of logits there is nothing left to gain. ``torch_path``
+    (default: not CUDA) says whether the torch path's fp32 work buffer counts.
     """
-    elem = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(MAX_CHUNK_BYTES_CUDA, free // 8)
     else:
         budget = MAX_CHUNK_BYTES_CPU
-        elem += 8  # the torch path materialises fp32 copies of the chunk
-    rows = max(1, budget // max(1, vocab_size * elem))
+    if torch_path is None:
+        torch_path = device.type != "cuda"
+    rows = max(1, budget // max(1, chunk_bytes_per_row(vocab_size, dtype, torch_path=torch_path)))
     if rows >= 256:
         rows = rows // 128 * 128  # GEMM-friendly
     return int(max(1, min(n_rows, rows)))
@@ -111,35 +158,183 @@ def _gather_for_backward(*params: torch.Tensor | None) -> list[torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------------- the chunks
-def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if bias is None:
-        return hidden_c @ weight.t()
-    return torch.addmm(bias, hidden_c, weight.t())
+def native_half_gemm(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether GEMMs in ``dtype`` run natively (fast) on ``device``: always on CUDA and for fp32; on CPU only where
+    oneDNN takes half GEMMs (AVX512/AMX). Elsewhere torch falls back to a scalar GEMM."""
+    if dtype == torch.float32 or device.type != "cpu":
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
-def _chunk_forward_torch(z: torch.Tensor, labels: torch.Tensor, ignore_index: int, temperature: float):
-    x = z.float() / temperature
-    valid = labels != ignore_index
-    lse = torch.logsumexp(x, dim=-1)
-    target = x.gather(-1, torch.where(valid, labels, 0).long()[:, None])[:, 0]
-    zero = torch.zeros_like(lse)
-    return torch.where(valid, target - lse, zero), torch.where(valid, lse, zero)
+@dataclass(frozen=True)
+class _Options:
+    ignore_index: int
+    temperature: float
+    chunk_size: int | None  # None: auto_chunk_size of the rows each pass actually computes
+    use_triton: bool
+    compute_dtype: torch.dtype  # the logits' dtype: autocast's when it is on, else the inputs'
+    keep_last_chunk: bool  # a backward will follow: hand the forward's last chunk of logits to it
 
 
-def _chunk_backward_torch(z, labels, lse, g, ignore_index: int, temperature: float) -> torch.Tensor:
-    valid = labels != ignore_index
-    p = torch.exp(z.float() / temperature - lse[:, None])
-    grad = -p
-    rows = torch.arange(z.shape[0], device=z.device)
-    grad[rows, torch.where(valid, labels, 0).long()] += 1.0
-    scale = torch.where(valid, g / temperature, torch.zeros_like(g))
-    return (grad * scale[:, None]).to(z.dtype)
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the logits are computed in: autocast's when autocast is on for this device, else the inputs'."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return weight.dtype
+
+
+def _active_rows(active: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the True entries (the pass's host sync); None when every row is active (chunks are then slices)."""
+    rows = active.nonzero()[:, 0]
+    return None if rows.numel() == active.numel() else rows
+
+
+def _take(t: torch.Tensor, index) -> torch.Tensor:
+    return t[index] if isinstance(index, slice) else t.index_select(0, index)
+
+
+def _chunk_indices(n: int, rows: torch.Tensor | None, size: int):
+    """The row index (a slice, or a [c] index tensor) of each chunk of ``size`` among ``n`` active rows."""
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        yield slice(start, stop) if rows is None else rows[start:stop]
+
+
+class _Chunks:
+    """The reusable chunk buffers of a pass, and the GEMM operands while bound to a weight.
+
+    Under autocast the unfused ``linear(hidden, weight, bias)`` casts all three to the autocast dtype, so that is
+    the compute dtype here too; autocast itself is switched off around each pass (``torch.mm(out=)`` refuses it).
+    """
+
+    def __init__(self, opts: _Options, vocab: int, hidden_size: int, n_rows: int, device: torch.device):
+        self.opts, self.dtype = opts, opts.compute_dtype
+        # The torch path's GEMMs run in fp32 where half GEMMs are not native; the Triton path (on CPU only under the
+        # interpreter, in tests) keeps the compute dtype so the kernels see what they see on a GPU.
+        self.fp32_gemm = (not opts.use_triton) and not native_half_gemm(self.dtype, device)
+        self.gemm_dtype = torch.float32 if self.fp32_gemm else self.dtype
+        if opts.chunk_size is None:
+            size = auto_chunk_size(n_rows, vocab, hidden_size, self.dtype, device, torch_path=not opts.use_triton)
+            size = -(-n_rows // -(-n_rows // size))  # equal chunks: the last one, kept for the backward, is full
+        else:
+            size = opts.chunk_size
+        self.size = max(1, min(size, n_rows))
+        self.weight = self.bias = None
+        if opts.use_triton:
+            self.logits_buf = torch.empty(self.size, vocab, dtype=self.dtype, device=device)
+        else:
+            self.work = torch.empty(self.size, vocab, dtype=torch.float32, device=device)
+            self.half = None
+            if self.dtype != torch.float32:
+                self.half = torch.empty(self.size, vocab, dtype=self.dtype, device=device)
+
+    def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = weight.to(self.dtype).to(self.gemm_dtype)  # no copy when already in that dtype
+        self.bias = None if bias is None else bias.to(self.dtype).to(self.gemm_dtype)
+
+    def unbind(self) -> None:
+        self.weight = self.bias = None  # cast copies of W are not kept between the forward and the backward
+
+    def _linear(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.dtype).to(self.gemm_dtype)
+        if self.bias is None:
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Z = h W^T + b. Triton path: in the compute dtype. torch path: the fp32 work buffer (rounded to the half
+        type for half inputs), which the caller may destroy."""
+        c = h.shape[0]
+        if self.opts.use_triton:
+            return self._linear(h, self.logits_buf[:c])
+        work = self.work[:c]
+        if self.half is None:
+            return self._linear(h, work)
+        if self.fp32_gemm:
+            self.half[:c].copy_(self._linear(h, work))
+        else:
+            self._linear(h, self.half[:c])
+        return work.copy_(self.half[:c])
+
+    def round_to_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """torch path: round the fp32 chunk ``x`` (in place) to the compute dtype, as a half GEMM's operand is; returns
+        the operand the GEMMs take (the half buffer, or ``x`` itself for fp32 GEMMs)."""
+        if self.half is None:
+            return x
+        half = self.half[: x.shape[0]]
+        half.copy_(x)
+        x.copy_(half)
+        return x if self.fp32_gemm else half
+
+    def writes_hidden_grad_directly(self, grad_h: torch.Tensor) -> bool:
+        """Whether dH can be written by the GEMM straight into ``grad_h`` (one dtype throughout, no rounding)."""
+        return grad_h.dtype == self.dtype == self.gemm_dtype
+
+    def hidden_grad(self, dz: torch.Tensor) -> torch.Tensor:
+        """dH = dZ W for the chunk, rounded to the compute dtype (as a GEMM in it would be)."""
+        return (dz @ self.weight).to(self.dtype)
+
+
+_COMPACT_BLOCK_ROWS = 64
+
+
+def _compact_rows(x: torch.Tensor, keep: torch.Tensor) -> None:
+    """Move rows ``keep`` (ascending) of ``x`` to its front, in place, through a scratch of 64 rows at a time.
+
+    Safe in place: row j receives row keep[j] >= j, and a block only writes rows below every source a later block
+    reads (keep[j'] >= j' for the later j').
+    """
+    for start in range(0, keep.numel(), _COMPACT_BLOCK_ROWS):
+        stop = min(keep.numel(), start + _COMPACT_BLOCK_ROWS)
+        x[start:stop] = x.index_select(0, keep[start:stop])
+
+
+def _forward_chunk_torch(x: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """fp32 logits ``x`` [c, V] of valid rows (destroyed) -> (logp, lse), each [c].
+
+    The same operations as ``torch.logsumexp`` (max, ``exp(x - max)``, sum, log, + max; an infinite max counts
+    as 0), done in place on ``x`` so that no second [c, V] buffer exists; the label's logit is gathered first.
+    """
+    if temperature != 1.0:
+        x.div_(temperature)
+    target = x.gather(1, labels.long()[:, None])[:, 0]
+    m = x.amax(1)
+    m.masked_fill_(m.abs() == float("inf"), 0.0)
+    lse = x.sub_(m[:, None]).exp_().sum(1).log_().add_(m)
+    return target - lse, lse
+
+
+_KEEP_BLOCK_ROWS = 64
+
+
+def _forward_chunk_torch_keeping(x: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """``_forward_chunk_torch`` that leaves ``x`` intact (for the backward): row blocks through a small scratch."""
+    scratch = torch.empty(min(_KEEP_BLOCK_ROWS, x.shape[0]), x.shape[1], dtype=x.dtype, device=x.device)
+    parts = [
+        _forward_chunk_torch(scratch[: stop - start].copy_(x[start:stop]), labels[start:stop], temperature)
+        for start, stop in ((s, min(x.shape[0], s + _KEEP_BLOCK_ROWS)) for s in range(0, x.shape[0], _KEEP_BLOCK_ROWS))
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _backward_chunk_torch(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, temperature):
+    """fp32 logits ``x`` [c, V] of valid rows -> dZ = g / T * (onehot - exp(x / T - lse)), in place in ``x``."""
+    if temperature != 1.0:
+        x.div_(temperature)
+    p = x.sub_(lse[:, None]).exp_()
+    scale = g / temperature
+    index = labels.long()[:, None]
+    at_label = (1.0 - p.gather(1, index)) * scale[:, None]  # (1 - p) * s, rounded as (-p + 1) * s is
+    p.mul_(-scale[:, None])  # (-p) * s
+    return p.scatter_(1, index, at_label)
 
 
 def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """acc[V, H] (fp32) += dz^T h, accumulating the products in fp32 even for bf16/fp16 inputs."""
+    """acc[V, H] (fp32) += dz^T h, in place, accumulating the products in fp32 even for bf16/fp16 inputs."""
     if dz.dtype == torch.float32:
-        acc.addmm_(dz.t(), h.float() if h.dtype != torch.float32 else h)
+        acc.addmm_(dz.t(), h.float())
         return
     if dz.is_cuda:
         try:
@@ -147,34 +342,50 @@ def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor
             return
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    acc.add_((dz.t() @ h).float())
+    acc.addmm_(dz.t().float(), h.float())  # half dZ off CUDA: the Triton interpreter's path (tests only)
 
 
-@dataclass(frozen=True)
-class _Options:
-    ignore_index: int
-    temperature: float
-    chunk_size: int
-    use_triton: bool
+def _scatter_rows(dst: torch.Tensor, index, src: torch.Tensor) -> None:
+    if isinstance(index, slice):
+        dst[index] = src
+    else:
+        dst.index_copy_(0, index, src.to(dst.dtype))
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opts: _Options):  # type: ignore[override]
         n = hidden.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n, opts.chunk_size):
-            stop = min(n, start + opts.chunk_size)
-            z = _chunk_logits(hidden[start:stop], weight, bias)
-            lab = labels[start:stop]
-            if opts.use_triton:
-                logp[start:stop], lse[start:stop] = logprobs_forward(
-                    z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
-                )
-            else:
-                logp[start:stop], lse[start:stop] = _chunk_forward_torch(z, lab, opts.ignore_index, opts.temperature)
-            del z
+        logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        rows = _active_rows(labels != opts.ignore_index)
+        n_rows = n if rows is None else rows.numel()
+        ctx.held = None
+        if n_rows:
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], n_rows, hidden.device)
+                chunks.bind(weight, bias)
+                last_start = (n_rows - 1) // chunks.size * chunks.size
+                for start, index in zip(range(0, n_rows, chunks.size), _chunk_indices(n_rows, rows, chunks.size)):
+                    z = chunks.logits(_take(hidden, index))
+                    lab = labels[index]
+                    keep = opts.keep_last_chunk and start == last_start
+                    if opts.use_triton:
+                        logp_c, lse_c = logprobs_forward(
+                            z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
+                        )
+                    elif keep:
+                        logp_c, lse_c = _forward_chunk_torch_keeping(z, lab, opts.temperature)
+                    else:
+                        logp_c, lse_c = _forward_chunk_torch(z, lab, opts.temperature)
+                    _scatter_rows(logp, index, logp_c)
+                    _scatter_rows(lse, index, lse_c)
+                    if keep:
+                        # The last chunk's logits (and the buffers) go to the backward: its active rows need no
+                        # recompute there, and its peak, which needs one chunk buffer anyway, is unchanged.
+                        ctx.held = (chunks, index, z)
+                chunks.unbind()
+                del chunks
         ctx.save_for_backward(hidden, labels, lse)
         # weight/bias are kept as objects, not saved tensors: under ZeRO-3 their storage is released after the
         # forward and gathered again in the backward, so only the parameter objects themselves stay valid.
@@ -187,38 +398,71 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         hidden, labels, lse = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
         opts: _Options = ctx.opts
+        held, ctx.held = ctx.held, None  # a second backward (retain_graph) recomputes everything
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
-        n = hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_logp = grad_logp.reshape(-1).to(torch.float32)
+        active = (labels != opts.ignore_index) & (grad_logp != 0)
+        chunks = held_index = held_z = None
+        if held is not None:
+            # The kept chunk's active rows are moved to its front and used as they are (not recomputed); its rows
+            # with a zero gradient are dropped there, so that none ever enters a GEMM. Its buffers serve the rest.
+            chunks, held_index, held_z = held
+            keep = active[held_index].nonzero()[:, 0]  # a host sync
+            active = active.clone()
+            active[held_index] = False
+            if keep.numel() == 0:
+                held_index = held_z = None
+            elif keep.numel() < held_z.shape[0]:
+                _compact_rows(held_z, keep)
+                held_z = held_z[: keep.numel()]
+                held_index = keep + held_index.start if isinstance(held_index, slice) else held_index[keep]
+        rows = _active_rows(active)
+        n_rows = hidden.shape[0] if rows is None else rows.numel()
+        grad_h = None
+        if need_h:
+            grad_h = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
         release = _gather_for_backward(weight, bias)
+        # No accumulator (and below no dW GEMM) for a frozen weight; fp32 weights accumulate into their gradient.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for start in range(0, n, opts.chunk_size):
-            stop = min(n, start + opts.chunk_size)
-            h = hidden[start:stop]
-            z = _chunk_logits(h, weight, bias)
-            lab, g = labels[start:stop], grad_logp[start:stop]
-            if opts.use_triton:
-                dz = logprobs_backward(
-                    z,
-                    row_layout(z),
-                    lab,
-                    lse[start:stop],
-                    g,
-                    ignore_index=opts.ignore_index,
-                    temperature=opts.temperature,
-                    inplace=True,
-                )
-            else:
-                dz = _chunk_backward_torch(z, lab, lse[start:stop], g, opts.ignore_index, opts.temperature)
-            if grad_h is not None:
-                torch.mm(dz, weight, out=grad_h[start:stop])
-            if grad_w is not None:
-                _accumulate_weight_grad(grad_w, dz, h)
-            if grad_b is not None:
-                grad_b += dz.float().sum(0)
-            del z, dz
+        if (n_rows or held_z is not None) and (need_h or need_w or need_b):
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                if chunks is None:  # else the forward's buffers, sized for at least as many rows as are left
+                    chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], max(n_rows, 1), hidden.device)
+                chunks.bind(weight, bias)
+                work = _chunk_indices(n_rows, rows, chunks.size)
+                if held_z is not None:
+                    work = itertools.chain([held_index], work)
+                for index in work:
+                    h = _take(hidden, index)
+                    z = held_z if index is held_index else chunks.logits(h)
+                    lab, g, lse_c = labels[index], grad_logp[index], lse[index]
+                    if opts.use_triton:
+                        dz = logprobs_backward(
+                            z,
+                            row_layout(z),
+                            lab,
+                            lse_c,
+                            g,
+                            ignore_index=opts.ignore_index,
+                            temperature=opts.temperature,
+                            inplace=True,
+                        )
+                        dz_gemm = dz
+                    else:
+                        dz = _backward_chunk_torch(z, lab, lse_c, g, opts.temperature)
+                        dz_gemm = chunks.round_to_dtype(dz)  # dz keeps the rounded values in fp32
+                    if grad_h is not None:
+                        if isinstance(index, slice) and chunks.writes_hidden_grad_directly(grad_h):
+                            torch.mm(dz_gemm, chunks.weight, out=grad_h[index])
+                        else:
+                            _scatter_rows(grad_h, index, chunks.hidden_grad(dz_gemm))
+                    if grad_w is not None:
+                        _accumulate_weight_grad(grad_w, dz, h.to(opts.compute_dtype))
+                    if grad_b is not None:
+                        grad_b += dz.sum(0, dtype=torch.float32)
+                    del z, dz, dz_gemm
+        del chunks, held, held_z
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         for p in release:
@@ -251,26 +495,25 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
     )
     if bias is not None and bias_shape != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},) (one entry per vocabulary row), got {describe(bias)}")
-    if hidden.dtype != weight.dtype:
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         raise TypeError(f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     # Reuse the log-prob checks (labels shape/range, temperature) on a zero-stride stand-in for the logits.
     standin = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
     _, labels, temperature = validate_logits_labels(standin, labels, ignore_index=ignore_index, temperature=temperature)
-    return hidden, weight, labels, bias, temperature, vocab
+    return hidden, weight, labels, bias, temperature
 
 
-def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, vocab):
+def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size):
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
-    n = h2.shape[0]
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(n, vocab, h2.shape[1], h2.dtype, h2.device)
     use_triton = select_backend(hidden.device) == "triton"
-    opts = _Options(ignore_index, temperature, max(1, min(chunk_size, max(n, 1))), use_triton)
+    needs_grad = h2.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    keep = torch.is_grad_enabled() and needs_grad
+    opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), keep)
     # Gather ZeRO-3 partitions *before* apply, so autograd records the full parameter shapes.
     with gathered(weight, bias):
         logp = FusedLinearLogprobsFunction.apply(h2, weight, bias, labels.reshape(-1).contiguous(), opts)
@@ -298,11 +541,14 @@ def fused_linear_token_logprobs(
 
     Returns:
         fp32 [...] log-probs, differentiable w.r.t. hidden, weight and bias (weight/bias gradients accumulated in fp32).
+
+    Under ``torch.autocast`` the logits are computed in the autocast dtype, as an ``nn.Linear`` lm_head would compute
+    them (hidden and weight may then differ in dtype), and recomputed in it in the backward wherever that runs.
     """
-    hidden, weight, labels, bias, temperature, vocab = _validate_linear(
+    hidden, weight, labels, bias, temperature = _validate_linear(
         hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature
     )
-    return _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, vocab)[0]
+    return _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size)[0]
 
 
 def fused_linear_token_scores(
@@ -322,7 +568,7 @@ def fused_linear_token_scores(
     chunk_size: int | None = None,
 ) -> TokenScores:
     """The fused-linear twin of ``token_scores``: same options, same ``TokenScores``, from hidden [B, T, H]."""
-    hidden, weight, labels, bias, temperature, vocab = _validate_linear(
+    hidden, weight, labels, bias, temperature = _validate_linear(
         hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature
     )
     if hidden.dim() != 3:
@@ -330,7 +576,7 @@ def fused_linear_token_scores(
     ref, w, beta, mask_fraction = validate_score_options(
         labels, ref_logprobs, weights, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by, mask_scope=mask_scope
     )
-    logprobs, use_triton = _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, vocab)
+    logprobs, use_triton = _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size)
     return scores_from_logprobs(
         logprobs,
         labels,
