@@ -90,3 +90,71 @@ def test_gather_contexts():
     base.gather_for_backward(plain)()
     assert isinstance(DEFAULT_GATHER, ZeRO3Gather)
     assert DEFAULT_GATHER.full_shape(plain) == (3, 2) and not ak_deepspeed.is_zero3_partitioned(plain)
+
+
+class CountingGather(ParamGather):
+    """A framework-free gather context that records what the op asks of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def full_shape(self, p):
+        self.calls.append("shape")
+        return super().full_shape(p)
+
+    def gathered(self, *params):
+        self.calls.append("forward")
+        return super().gathered(*params)
+
+    def gather_for_backward(self, *params):
+        self.calls.append("backward")
+        release = super().gather_for_backward(*params)
+
+        def counted():
+            self.calls.append("release")
+            release()
+
+        return counted
+
+
+def test_fused_linear_asks_its_gather_context(backend):
+    import allo_kernels as ak
+
+    backend("torch")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (4, 5), generator=g)
+    ctx = CountingGather()
+    out = ak.fused_linear_token_logprobs(hidden, weight, labels, gather=ctx)
+    out.sum().backward()
+    assert ctx.calls == ["shape", "forward", "backward", "release"]
+    want = torch.log_softmax(hidden.detach() @ weight.detach().t(), -1).gather(-1, labels[..., None])[..., 0]
+    torch.testing.assert_close(out.detach(), want)
+    ctx = CountingGather()
+    ref = -torch.rand(4, 5, generator=g)
+    loss, _ = ak.preference_loss(hidden, labels, lm_head_weight=weight, ref_logprobs=ref, gather=ctx)
+    loss.backward()
+    assert ctx.calls == ["shape", "forward", "backward", "release"]
+    with pytest.raises(TypeError, match=r"gather must be an allo_kernels\.integrations\.ParamGather"):
+        ak.fused_linear_token_logprobs(hidden, weight, labels, gather=object())
+
+
+def test_only_the_adapter_knows_deepspeed():
+    """Outside integrations/deepspeed.py, allo_kernels reads no DeepSpeed attribute and imports no deepspeed."""
+    import re
+    from pathlib import Path
+
+    root = Path(ak_deepspeed.__file__).resolve().parents[1]
+    internals = re.compile(r"ds_status|ds_shape|grad_position|round_robin|_hp_mapping|partition\(\)|all_gather\(\)")
+    imports = re.compile(r"^\s*(import deepspeed|from deepspeed)", re.MULTILINE)
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == Path(ak_deepspeed.__file__).resolve():
+            continue
+        text = path.read_text(encoding="utf-8")
+        found += [
+            f"{path.relative_to(root)}: {m.group(0)}" for m in (*internals.finditer(text), *imports.finditer(text))
+        ]
+    assert found == []
+    assert internals.search(Path(ak_deepspeed.__file__).read_text(encoding="utf-8"))
