@@ -64,7 +64,7 @@ def _module_path(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _resolve_weight(model: nn.Module, name: object, what: str) -> tuple[str, nn.Linear]:
+def _resolve_weight(model: nn.Module, name: object, what: str) -> nn.Linear:
     """The nn.Linear whose ``weight`` is the parameter ``name``, or a ValueError that says what ``name`` is instead."""
     if not isinstance(name, str):
         raise TypeError(f"{what}: keys must be parameter names (str), got {describe(name)}")
@@ -99,7 +99,7 @@ def _resolve_weight(model: nn.Module, name: object, what: str) -> tuple[str, nn.
             f"{what}: {name!r} is tied to {sharers} (one tensor used by several modules); a row delta would change "
             "only one of them, so tied weights cannot get one"
         )
-    return module_path, module
+    return module
 
 
 def _check_axis(axis: object) -> int:
@@ -170,7 +170,7 @@ def attach_row_deltas(
         raise TypeError(f"masks must be a dict {{parameter name: 1-D bool tensor}}, got {describe(masks)}")
     indices = {}
     for name, mask in masks.items():
-        _, module = _resolve_weight(model, name, "masks")
+        module = _resolve_weight(model, name, "masks")
         indices[name] = _mask_index(name, mask, module.weight, axis)
     return _attach(model, indices, axis=axis, dtype=dtype)
 
@@ -187,16 +187,16 @@ def merge_row_deltas(model: nn.Module) -> list[str]:
     Afterwards the model's modules, parameter names and ``requires_grad`` flags are as before ``attach_row_deltas``
     (only the selected rows of W hold new values). Returns the names of the merged weights.
     """
-    merged = []
-    for name, module in _attached(model).items():
+    attached = _attached(model)
+    for name, module in attached.items():  # all checked before any is merged
         _check_local(name, module)
+    for module in attached.values():
         module.merge()
-        merged.append(name)
     for _, module in model.named_modules():
         if hasattr(module, FROZEN_ONLY_ATTR):
             module.weight.requires_grad_(getattr(module, FROZEN_ONLY_ATTR))
             delattr(module, FROZEN_ONLY_ATTR)
-    return merged
+    return list(attached)
 
 
 def _check_local(name: str, module: RowDeltaLinear) -> None:
@@ -299,7 +299,7 @@ def load_row_deltas(model: nn.Module, path: str | os.PathLike) -> dict[str, nn.P
         what = f"{path} entry {name!r}"
         if axis not in AXES:
             raise ValueError(f"{what}: axis must be 0 or 1, got {axis!r}")
-        _, module = _resolve_weight(model, name, str(path))
+        module = _resolve_weight(model, name, str(path))
         if list(module.weight.shape) != shapes.get(name):
             raise ValueError(
                 f"{what}: the deltas were made for a weight of shape {shapes.get(name)}, the model's "

@@ -440,6 +440,22 @@ def test_checkpoint_of_the_attached_model_resumes_exactly():
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_delta_gradients(use_reentrant):
+    ids = batches(1)[0]
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama().train()
+        model.requires_grad_(False)
+        deltas = ak.attach_row_deltas(model, decoder_masks(model))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        lm_loss(model, ids).backward()
+        grads.append({n: d.grad for n, d in deltas.items()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, **FP32)
+
+
 def test_deepcopy_pickle_to_dtype_and_attach_twice():
     masks = decoder_masks(tiny_llama(), fraction=0.25)
     model = tiny_llama()
