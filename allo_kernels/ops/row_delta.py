@@ -27,8 +27,9 @@ Two forms compute this, chosen per call by cost (``form=`` overrides):
 
 The copy costs ~4 out in bytes of memory traffic per call, the skinny GEMMs ~4 N k in FLOPs, so the additive form
 wins when N k < B out, B = bytes per element x (FLOP/s / memory bytes/s) x (skinny GEMM efficiency). Measured on our
-CPU (benchmarks/bench_row_delta.py, layer section, fp32, k/out = 0.1, one thread): the forms cross near N = 256
-tokens (N = 64: additive 0.8x a dense layer, W_eff 1.4x; N = 1024: W_eff 0.72-0.78x, additive 0.81-0.86x), so B = 25.
+CPU (benchmarks/bench_row_delta.py, layer section, fp32, k/out = 0.1, one thread, CPU time against a dense trainable
+layer): N = 64: additive 0.80-0.88x, W_eff 1.03-1.23x; N = 256: both 0.80-0.86x; N = 1024: W_eff 0.74-0.76x,
+additive 0.81-0.86x (a frozen layer without delta, the floor: 0.67-0.71x). They cross near N = 256, so B = 25.
 CUDA is unmeasured: an H100's roofline (bf16 ~990 TFLOP/s over 3.35 TB/s) puts B near 600, i.e. training batches of
 many thousand tokens take W_eff and decoding takes the additive form; the benchmark's layer section measures it when
 a GPU is available.
@@ -73,9 +74,16 @@ def effective_weight(
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """W's dtype, or the autocast dtype inside ``torch.autocast`` (nn.Linear's behaviour)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
     return weight.dtype
 
 
