@@ -505,6 +505,22 @@ def test_requires_grad_is_restored_and_empty_masks_freeze_only():
     assert not hasattr(model[0], FROZEN_ONLY_ATTR)
 
 
+def test_partitioned_deltas_must_be_gathered_before_merge_or_save(tmp_path):
+    """A ZeRO-3 partition leaves an empty local delta: merging or saving it is an error, and nothing is written."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    ak.attach_row_deltas(
+        model, {"0.weight": torch.ones(6, dtype=torch.bool), "1.weight": torch.ones(3, dtype=torch.bool)}
+    )
+    before = model[0].weight.clone()
+    model[1].weight_delta = nn.Parameter(torch.empty(0))  # what a ZeRO-3 rank holds outside a gather
+    with pytest.raises(ValueError, match=r"'1.weight' has shape \(0,\), expected \(3, 6\).*gathered first"):
+        ak.merge_row_deltas(model)
+    assert type(model[0]) is RowDeltaLinear and torch.equal(model[0].weight, before)  # the first one not merged
+    with pytest.raises(ValueError, match="gathered first"):
+        ak.save_row_deltas(model, tmp_path / "d.safetensors")
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------- bad input
 class NotALinear(nn.Linear):
     def forward(self, x):
