@@ -8,6 +8,8 @@ Public API (the contract is in docs/design.md; the README shows it in use):
   never holding the [N, V] logits
 * ``preference_loss`` / ``forgetting_loss``: one call from a [chosen; rejected] (or forget) batch to (loss, metrics)
 * ``losses``                         DPO family, NPO, ALLO token-NPO and kept-token DPO, SimPO, ORPO, KTO, SFT
+* ``attach_row_deltas`` / ``merge_row_deltas`` / ``save_row_deltas`` / ``load_row_deltas``: compact trainable
+  neuron deltas on frozen ``nn.Linear`` weights (no weight-gradient GEMM for W), merged back at save
 * ``integrations``                   the one place that knows a training framework (DeepSpeed ZeRO)
 """
 
@@ -17,6 +19,7 @@ from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_sc
 from .ops.token_logprobs import IGNORE_INDEX, token_logprobs
 from .ops.token_scores import TokenScores, token_scores
 from .optim import SparseAdamW
+from .row_deltas import attach_row_deltas, load_row_deltas, merge_row_deltas, save_row_deltas
 
 __version__ = "0.1.0"
 
@@ -25,12 +28,16 @@ __all__ = [
     "SparseAdamW",
     "TokenScores",
     "__version__",
+    "attach_row_deltas",
     "forgetting_loss",
     "fused_linear_token_logprobs",
     "fused_linear_token_scores",
     "integrations",
+    "load_row_deltas",
     "losses",
+    "merge_row_deltas",
     "preference_loss",
+    "save_row_deltas",
     "token_logprobs",
     "token_scores",
 ]
