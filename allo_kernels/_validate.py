@@ -76,19 +76,6 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {describe(value)}")
-    return value
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise if ``t`` holds NaN or inf (one reduction, one host sync)."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = (~torch.isfinite(t)).sum().item()
-        raise ValueError(f"{name} must be finite, got {bad} NaN/inf value(s) in {describe(t)}")
-
-
 def check_labels(name: str, labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
     """Labels must be in [0, vocab_size) or equal to ignore_index (one reduction, one host sync).
 

@@ -13,19 +13,22 @@ Every function takes tensors positionally and options keyword-only, and returns 
 Notation: ``pc, pr`` policy log-probs of the chosen / rejected responses, ``rc, rr`` the reference model's,
 ``b`` = beta, ``e`` = label_smoothing, ``D = (pc - rc) - (pr - rr)``, ``logsig`` = log-sigmoid.
 
-==================  ==============================================================================================
-``dpo_loss``        sigmoid: ``-(1-e) logsig(bD) - e logsig(-bD)``; robust: ``(-(1-e) logsig(bD) + e logsig(-bD))
-                    / (1-2e)``; hinge: ``relu(1 - bD)``; ipo: ``(D - 1/(2b))^2``. Mean over the batch.
-``masked_dpo_loss`` ALLO's improving stage: sigmoid DPO on *masked* per-sequence sums (see its docstring).
-``npo_loss``        ``-(2/b) logsig(-b (s - s_ref))``, mean over sequences (NPO, Zhang et al. 2024).
-``token_npo_loss``  ALLO's forgetting stage: ``sum_bt -w_bt logsig(-b (logp_bt - ref_bt)) / #{w_bt != 0}``.
-``simpo_loss``      ``-(1-e) logsig(z) - e logsig(-z)``, ``z = b (avg_c - avg_r) - gamma`` on length-averaged logps.
-``orpo_loss``       ``nll - b * mean(logsig(log_odds))``, ``log_odds = log(p_c/(1-p_c)) - log(p_r/(1-p_r))`` on
-                    length-averaged logps (``p = exp(avg logp)``).
-``kto_loss``        ``mean(cat(wd (1 - sig(b (lr_c - z0))), wu (1 - sig(b (z0 - lr_r)))))``,
-                    ``z0 = clamp(mean(policy_kl - ref_kl), 0)`` detached.
-``sft_loss``        mean negative log-prob over the valid tokens.
-==================  ==============================================================================================
+=======================  =============================================================================================
+``dpo_loss``             sigmoid: ``-(1-e) logsig(bD) - e logsig(-bD)``; robust:
+                         ``(-(1-e) logsig(bD) + e logsig(-bD)) / (1-2e)``; hinge: ``relu(1 - bD)``;
+                         ipo: ``(D - 1/(2b))^2``. Mean over the batch.
+``kept_token_dpo_loss``  ALLO's improving stage: sigmoid DPO on per-sequence sums over the kept tokens, after
+                         ``token_scores`` dropped the others (see its docstring; earlier name ``masked_dpo_loss``).
+``npo_loss``             ``-(2/b) logsig(-b (s - s_ref))``, mean over sequences (NPO, Zhang et al. 2024).
+``token_npo_loss``       ALLO's forgetting stage: ``sum_bt -w_bt logsig(-b (logp_bt - ref_bt)) / #{w_bt != 0}``.
+``simpo_loss``           ``-(1-e) logsig(z) - e logsig(-z)``, ``z = b (avg_c - avg_r) - gamma`` on length-averaged
+                         logps.
+``orpo_loss``            ``nll - b * mean(logsig(log_odds))``, ``log_odds = log(p_c/(1-p_c)) - log(p_r/(1-p_r))``
+                         on length-averaged logps (``p = exp(avg logp)``).
+``kto_loss``             ``mean(cat(wd (1 - sig(b (lr_c - z0))), wu (1 - sig(b (z0 - lr_r)))))``,
+                         ``z0 = clamp(mean(policy_kl - ref_kl), 0)`` detached.
+``sft_loss``             mean negative log-prob over the valid tokens.
+=======================  =============================================================================================
 
 Defined edge cases (no NaN anywhere): a sequence or batch with no valid tokens sums to 0; ``token_npo_loss`` with
 all weights 0 and ``sft_loss`` with no valid token return exactly 0 with exactly zero gradients; a zero-weight
@@ -56,6 +59,7 @@ from ._validate import (
 __all__ = [
     "DPO_LOSS_TYPES",
     "dpo_loss",
+    "kept_token_dpo_loss",
     "kto_loss",
     "masked_dpo_loss",
     "npo_loss",
@@ -234,7 +238,7 @@ def dpo_loss(
     return losses.mean(), metrics
 
 
-def masked_dpo_loss(
+def kept_token_dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
@@ -250,13 +254,13 @@ def masked_dpo_loss(
     The official code (RUCAIBox/ALLO ``train_improving.py``) sums the chosen log-ratio ``logp - ref`` over all
     response tokens, and for the rejected response keeps only the ``k = floor(eps * T)`` tokens with the LOWEST
     per-token log-ratio (eps = 0.1; the tokens the policy already disprefers most), then applies sigmoid DPO to
-    the sums. This function is that last step; the masking is done upstream by ``allo_kernels.token_scores``, which
-    returns the masked sums directly::
+    the sums. This function is that last step: it drops nothing itself; ``allo_kernels.token_scores`` drops the
+    tokens upstream and returns the sums over the kept ones directly::
 
         c = ak.token_scores(chosen_logits, chosen_labels, ref_logprobs=chosen_ref, beta=beta)   # keep all tokens
         r = ak.token_scores(rejected_logits, rejected_labels, ref_logprobs=rejected_ref, beta=beta,
                             mask_fraction=1 - eps, mask_by="highest")                           # keep the lowest
-        loss, metrics = ak.losses.masked_dpo_loss(
+        loss, metrics = ak.losses.kept_token_dpo_loss(
             c.seq_logprobs, r.seq_logprobs, c.seq_ref_logprobs, r.seq_ref_logprobs, beta=beta,
             chosen_tokens=c.n_tokens, rejected_tokens=r.n_tokens)
 
@@ -266,7 +270,7 @@ def masked_dpo_loss(
     ``ceil(eps n)``) and breaks ties by position (the official threshold may keep extra tied tokens).
 
     Args:
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected: [B] masked per-sequence sums
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: [B] per-sequence sums over the kept tokens
             (``seq_logprobs`` / ``seq_ref_logprobs`` of the two TokenScores).
         beta: > 0. label_smoothing: in [0, 0.5) (conservative DPO; 0 in ALLO).
         chosen_tokens, rejected_tokens: optional [B] kept-token counts (``n_tokens``), only for the metrics
@@ -292,6 +296,9 @@ def masked_dpo_loss(
         check_same_device(policy_chosen=policy_chosen, **{name: counts})
         metrics[f"tokens/{name.split('_')[0]}"] = counts.detach().to(loss.dtype).mean()
     return loss, metrics
+
+
+masked_dpo_loss = kept_token_dpo_loss  # its earlier name (it masks nothing: token_scores drops the tokens upstream)
 
 
 # ------------------------------------------------------------------------------------------------------------- NPO

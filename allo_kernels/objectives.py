@@ -18,22 +18,26 @@ import torch
 from . import losses
 from ._backend import select_backend
 from ._validate import check_choice, check_tensor, describe
+from .integrations.gather import ParamGather
 from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
+from .ops.token_logprobs import IGNORE_INDEX
 from .ops.token_scores import TokenScores, scores_from_logprobs, token_scores, validate_score_options
 
 PREFERENCE_LOSS_TYPES = (*losses.DPO_LOSS_TYPES, "simpo")
 MASK_SIDES = ("rejected", "chosen", "both", "none")
 
 
-def _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, **kw) -> TokenScores:
+def _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, gather, **kw) -> TokenScores:
     if lm_head_weight is None:
         if lm_head_bias is not None:
             raise ValueError("lm_head_bias was given without lm_head_weight")
         return token_scores(policy, labels, **kw)
-    return fused_linear_token_scores(policy, lm_head_weight, labels, bias=lm_head_bias, chunk_size=chunk_size, **kw)
+    return fused_linear_token_scores(
+        policy, lm_head_weight, labels, bias=lm_head_bias, chunk_size=chunk_size, gather=gather, **kw
+    )
 
 
-def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, sides, **common):
+def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, gather, sides, **common):
     """Scores of both halves of a ``[chosen; rejected]`` batch from ONE fused-linear call over all its rows (one chunk
     loop, one kept chunk, one cast of the lm_head), split afterwards; ``sides`` = per-half options."""
     half = labels.shape[0] // 2
@@ -57,6 +61,7 @@ def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size,
         ignore_index=common["ignore_index"],
         temperature=common["temperature"],
         chunk_size=chunk_size,
+        gather=gather,
     )
     use_triton = select_backend(policy.device) == "triton"
     return [
@@ -101,11 +106,12 @@ def preference_loss(
     mask_by: str = "highest",
     mask_scope: str = "sequence",
     mask_side: str = "rejected",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    gather: ParamGather | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO-family loss (optionally ALLO's token-masked DPO) for a ``[chosen; rejected]`` batch.
+    """DPO-family loss (optionally ALLO's DPO with tokens dropped) for a ``[chosen; rejected]`` batch.
 
     Args:
         policy: logits [2B, T, V], or hidden states [2B, T, H] when ``lm_head_weight`` [V, H] is given.
@@ -114,9 +120,11 @@ def preference_loss(
         weights: optional [2B, T] per-token weights.
         loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "simpo" (reference-free).
             ipo and simpo use length-averaged log-probs over the kept tokens, as TRL does.
-        mask_fraction, mask_by, mask_scope: the token mask of ``token_scores``; ``mask_side`` says which responses
+        mask_fraction, mask_by, mask_scope: the token drop of ``token_scores``; ``mask_side`` says which responses
             it applies to ("rejected" is ALLO's improving stage: use ``mask_fraction = 1 - eps``,
             ``mask_by="highest"`` to keep the ``eps`` lowest-reward rejected tokens).
+        gather: with ``lm_head_weight``, the gather context of a partitioned lm_head (see
+            ``fused_linear_token_logprobs``; None: ``integrations.DEFAULT_GATHER``).
 
     Returns:
         ``(loss, metrics)`` with TRL's metric names (plus ``tokens/chosen`` and ``tokens/rejected``).
@@ -139,10 +147,10 @@ def preference_loss(
         dict(ref_logprobs=ref_r, weights=w_r, mask_fraction=frac_r),
     )
     if lm_head_weight is not None:
-        c, r = _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, sides, **common)
+        c, r = _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, gather, sides, **common)
     else:
         c, r = (
-            _scores(p, lab, None, lm_head_bias, chunk_size, **side, **common)
+            _scores(p, lab, None, lm_head_bias, chunk_size, None, **side, **common)
             for p, lab, side in zip((policy_c, policy_r), (labels_c, labels_r), sides)
         )
 
@@ -170,7 +178,7 @@ def preference_loss(
             loss_type="ipo",
         )
     elif loss_type == "sigmoid":
-        loss, metrics = losses.masked_dpo_loss(
+        loss, metrics = losses.kept_token_dpo_loss(
             c.seq_logprobs,
             r.seq_logprobs,
             c.seq_ref_logprobs,
@@ -204,14 +212,16 @@ def forgetting_loss(
     lm_head_weight: torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
     beta: float = 0.1,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    gather: ParamGather | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ALLO's forgetting stage on a batch of responses to forget: token-weighted NPO.
 
     ``loss = sum_bt -w_bt * logsigmoid(-beta * (logp_bt - ref_bt)) / #{w_bt != 0}`` (0 when all weights are 0);
-    ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says.
+    ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says. ``gather`` as in
+    :func:`preference_loss`.
     """
     s = _scores(
         policy,
@@ -219,6 +229,7 @@ def forgetting_loss(
         lm_head_weight,
         lm_head_bias,
         chunk_size,
+        gather,
         ref_logprobs=ref_logprobs,
         weights=weights,
         beta=beta,

@@ -1,7 +1,7 @@
 """``allo-train``: one command per stage, or the whole pipeline, from one YAML config.
 
     allo-train pipeline --config cfg.yaml [key=value | --key value ...]
-    allo-train warmup|locate|forget|improve|sft|correct --config cfg.yaml [overrides] [--resume]
+    allo-train STAGE --config cfg.yaml [overrides] [--resume]       (the stages are listed below)
     allo-train correct-answers --model DIR --input answers.jsonl --output corrected.jsonl
     allo-train demo [--output-dir DIR] [--seed N] [--overwrite]
 
@@ -15,48 +15,20 @@ Multi-process: ``deepspeed --num_gpus N -m allo_train.cli pipeline --config cfg.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-STAGES = ("sft", "correct", "warmup", "locate", "forget", "improve")
-
-
-def correct_answers(model_dir: str, input_path: str, output_path: str, *, max_new_tokens: int = 256) -> int:
-    """Run a trained Aligner-style corrector over {question, answer} lines; write them back with "correction"."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import aligner_prompt, read_jsonl
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = []
-    for where, obj in read_jsonl(input_path):
-        for key in ("question", "answer"):
-            if not isinstance(obj.get(key), str):
-                raise ValueError(f"{where}: field {key!r} must be a string, got {obj.get(key)!r}")
-        ids = tokenizer(aligner_prompt(obj["question"], obj["answer"]), return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        rows.append({**obj, "correction": tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)})
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return len(rows)
+from .generation import correct_answers
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .stages import STAGES  # the commands are the stage table's entries (importing it imports torch)
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    stage_lines = "\n".join(f"    {name:<10}{spec.summary}" for name, spec in STAGES.items())
     parser = argparse.ArgumentParser(
-        prog="allo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="allo-train",
+        description=f"{__doc__}\nstages:\n{stage_lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=(*STAGES, "pipeline", "correct-answers", "demo"))
     parser.add_argument("--config", help="YAML config (TRL field names; see README)")
@@ -101,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .config import load_config
-    from .stages import run_pipeline, run_stage
+    from .trainer import run_pipeline, run_stage
 
     try:
         cfg = load_config(args.config, overrides)

@@ -11,10 +11,16 @@ Field names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a TRL name 
     forget:  {data_path: forget.jsonl, token_weight_source: corrected, learning_rate: 5.0e-7}
     improve: {data_path: pref.jsonl, mask_fraction: 0.1}
 
-Stage sections (``sft``, ``correct``, ``warmup``, ``forget``, ``improve``) carry the training fields of
-:class:`StageTrainingArgs`; any of them left at ``None`` takes the top-level value when the config is loaded, so after
-:func:`load_config` every stage field holds a concrete value. ``forget.ratio`` / ``improve.ratio`` default to
-``locate.ratio``.
+There is one section per entry of the stage table (``stages.STAGES``), named after the stage and holding that
+stage's ``section`` dataclass (defined below); ``cfg.improve`` (or ``cfg.section("improve")``) is the section.
+A section field left at ``None`` whose name is also a top-level field (the training fields of
+:class:`StageTrainingArgs`, ``beta``, ``loss_type``, ...) takes the top-level value when the config is loaded, so
+after :func:`load_config` every stage field holds a concrete value. A stage that trains only the located neurons
+(``needs_masks`` in its table entry) takes ``locate.ratio`` when its ``ratio`` is ``None``.
+
+Choices that another module owns are imported from it, never repeated here: the preference loss types
+(``allo_kernels.objectives``), the token-drop options (``allo_kernels.ops.token_scores``), the LR schedules
+(``engine``), granularities, scopes and the default exclusions (``locate``), the token-weight sources (``data``).
 
 Overrides (:func:`parse_overrides`): ``--key value``, ``--key=value`` or ``key=value``; dotted keys reach into
 sections (``improve.mask_fraction=0.2``). Values are parsed as YAML (``true``, ``0.2``, ``[a, b]``, ``null``).
@@ -36,16 +42,19 @@ from typing import Any, Union
 
 import yaml
 
+from allo_kernels.objectives import PREFERENCE_LOSS_TYPES
+from allo_kernels.ops.token_scores import MASK_BY, MASK_SCOPES
+
+from .data import TOKEN_WEIGHT_SOURCES
+from .engine import LR_SCHEDULERS
 from .errors import AlloTrainError
+from .locate import DEFAULT_EXCLUDE, GRANULARITIES, IMPORTANCES, SCOPES
 
-STAGES = ("sft", "correct", "warmup", "locate", "forget", "improve")
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
-LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*.ln_*", "*ln_f*", "lm_head*", "*.lm_head*")
+REPORT_TO = ("jsonl", "tensorboard", "none")
 
 
-def _choices(*values: str) -> dict:
-    return {"choices": values}
+def _choices(values: tuple[str, ...]) -> dict:
+    return {"choices": values}  # the owner's tuple itself
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
@@ -53,7 +62,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Stage sections
+# Stage sections (the ``section`` of each entry of stages.STAGES)
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -64,11 +73,12 @@ class StageTrainingArgs:
     data_path: str | None = None
     learning_rate: float | None = field(default=None, metadata=_range(0, lo_open=True))
     per_device_train_batch_size: int | None = field(default=None, metadata=_range(1))
+    per_device_eval_batch_size: int | None = field(default=None, metadata=_range(1))
     gradient_accumulation_steps: int | None = field(default=None, metadata=_range(1))
     num_train_epochs: float | None = field(default=None, metadata=_range(0, lo_open=True))
     max_steps: int | None = field(default=None, metadata=_range(-1))
     warmup_ratio: float | None = field(default=None, metadata=_range(0, 1))
-    lr_scheduler_type: str | None = field(default=None, metadata=_choices(*LR_SCHEDULERS))
+    lr_scheduler_type: str | None = field(default=None, metadata=_choices(LR_SCHEDULERS))
     weight_decay: float | None = field(default=None, metadata=_range(0))
     max_grad_norm: float | None = field(default=None, metadata=_range(0))
     max_length: int | None = field(default=None, metadata=_range(2))
@@ -77,6 +87,10 @@ class StageTrainingArgs:
     save_steps: int | None = field(default=None, metadata=_range(1))
     eval_fraction: float | None = field(default=None, metadata=_range(0, 1, hi_open=True))
     eval_steps: int | None = field(default=None, metadata=_range(1))
+
+    def check(self, stage: str) -> None:
+        """Checks across fields, after the top-level values were filled in; ValueError naming the keys."""
+        _check_lengths(f"{stage}.", self)
 
 
 @dataclass
@@ -99,24 +113,35 @@ class WarmupStageConfig(StageTrainingArgs):
     """Full-parameter DPO on preference JSONL; its result is theta_warm for ``locate``."""
 
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: str | None = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
+    loss_type: str | None = field(default=None, metadata=_choices(PREFERENCE_LOSS_TYPES))
     label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
+    simpo_gamma: float | None = field(default=None, metadata=_range(0))  # loss_type "simpo": the target margin
 
 
 @dataclass
 class LocateStageConfig:
     """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate)."""
 
-    importance: str = field(default="delta", metadata=_choices("delta", "grad"))
+    importance: str = field(default="delta", metadata=_choices(IMPORTANCES))
     divide_by_lr: bool = False  # "delta": |theta_warm - theta_start| / learning_rate of the warm-up
-    granularity: str = field(default="element", metadata=_choices("element", "row", "layer"))
+    granularity: str = field(default="element", metadata=_choices(GRANULARITIES))
     ratio: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
-    scope: str = field(default="global", metadata=_choices("global", "per_matrix"))
+    scope: str = field(default="global", metadata=_choices(SCOPES))
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     start_model: str | None = None  # None: model_name_or_path
     warm_model: str | None = None  # None: the warm-up stage's output
     data_path: str | None = None  # "grad": preference data whose DPO gradients are accumulated; None: warmup's
     grad_num_batches: int = field(default=16, metadata=_range(1))
+
+    def check(self, stage: str) -> None:
+        for i, pattern in enumerate(self.exclude):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ValueError(
+                        f"config key '{stage}.exclude[{i}]' is not a valid regex: {pattern!r} ({e})"
+                    ) from None
 
 
 @dataclass
@@ -124,24 +149,31 @@ class ForgetStageConfig(StageTrainingArgs):
     """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
 
     ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
-    token_weight_source: str = field(
-        default="token_weights", metadata=_choices("token_weights", "corrected", "scoring_model")
-    )
+    token_weight_source: str = field(default="token_weights", metadata=_choices(TOKEN_WEIGHT_SOURCES))
     scoring_model: str | None = None  # required when token_weight_source == "scoring_model"
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
+
+    def check(self, stage: str) -> None:
+        super().check(stage)
+        if self.token_weight_source == "scoring_model" and not self.scoring_model:
+            raise ValueError(
+                f"config key '{stage}.scoring_model' must name a model when {stage}.token_weight_source is "
+                f"'scoring_model', got {self.scoring_model!r}"
+            )
 
 
 @dataclass
 class ImproveStageConfig(StageTrainingArgs):
-    """ALLO improving: DPO whose rejected side masks a fraction of tokens, updating only the located neurons."""
+    """ALLO improving: DPO on the located neurons; a fraction of each rejected response's tokens is dropped from it."""
 
     ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
-    mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
-    mask_by: str = field(default="highest", metadata=_choices("highest", "lowest"))
-    mask_scope: str = field(default="sequence", metadata=_choices("sequence", "batch"))
+    mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))  # share of tokens dropped
+    mask_by: str = field(default="highest", metadata=_choices(MASK_BY))  # drop the highest- or lowest-reward ones
+    mask_scope: str = field(default="sequence", metadata=_choices(MASK_SCOPES))
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: str | None = field(default=None, metadata=_choices(*DPO_LOSS_TYPES))
+    loss_type: str | None = field(default=None, metadata=_choices(PREFERENCE_LOSS_TYPES))
     label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
+    simpo_gamma: float | None = field(default=None, metadata=_range(0))  # loss_type "simpo": the target margin
 
 
 @dataclass
@@ -154,6 +186,18 @@ class PipelineConfig:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _stage_table() -> dict:
+    """``stages.STAGES``: which sections a config has. Imported when needed, not at the top of this module, because
+    stages.py imports this module for the section classes."""
+    from .stages import STAGES
+
+    return STAGES
+
+
+def _default_sections() -> dict[str, Any]:
+    return {name: spec.section() for name, spec in _stage_table().items()}
+
+
 @dataclass
 class TrainConfig:
     model_name_or_path: str | None = None
@@ -164,16 +208,17 @@ class TrainConfig:
 
     # Shared training defaults (TRL names); stage sections inherit them.
     beta: float = field(default=0.1, metadata=_range(0, lo_open=True))
-    loss_type: str = field(default="sigmoid", metadata=_choices(*DPO_LOSS_TYPES))
+    loss_type: str = field(default="sigmoid", metadata=_choices(PREFERENCE_LOSS_TYPES))
     label_smoothing: float = field(default=0.0, metadata=_range(0, 0.5))
+    simpo_gamma: float = field(default=1.0, metadata=_range(0))  # loss_type "simpo" only
     learning_rate: float = field(default=5e-6, metadata=_range(0, lo_open=True))
     per_device_train_batch_size: int = field(default=1, metadata=_range(1))
-    per_device_eval_batch_size: int = field(default=1, metadata=_range(1))
+    per_device_eval_batch_size: int | None = field(default=None, metadata=_range(1))  # None: the train batch size
     gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
     num_train_epochs: float = field(default=1.0, metadata=_range(0, lo_open=True))
     max_steps: int = field(default=-1, metadata=_range(-1))  # -1: run num_train_epochs
     warmup_ratio: float = field(default=0.0, metadata=_range(0, 1))
-    lr_scheduler_type: str = field(default="linear", metadata=_choices(*LR_SCHEDULERS))
+    lr_scheduler_type: str = field(default="linear", metadata=_choices(LR_SCHEDULERS))
     weight_decay: float = field(default=0.0, metadata=_range(0))
     max_grad_norm: float = field(default=1.0, metadata=_range(0))  # 0: no clipping
     max_length: int = field(default=1024, metadata=_range(2))
@@ -186,22 +231,31 @@ class TrainConfig:
     save_total_limit: int | None = field(default=2, metadata=_range(1))
     eval_fraction: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # held-out share, split by seed
     eval_steps: int | None = field(default=None, metadata=_range(1))  # None: logging_steps
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"], metadata=_choices(REPORT_TO))
     resume_from_checkpoint: bool | str = False  # True: the newest verified checkpoint in the stage dir
     allow_config_change: bool = False  # resume a checkpoint whose training settings differ (see training_settings)
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
-    correct: CorrectStageConfig = field(default_factory=CorrectStageConfig)
-    warmup: WarmupStageConfig = field(default_factory=WarmupStageConfig)
-    locate: LocateStageConfig = field(default_factory=LocateStageConfig)
-    forget: ForgetStageConfig = field(default_factory=ForgetStageConfig)
-    improve: ImproveStageConfig = field(default_factory=ImproveStageConfig)
+    # One section per entry of the stage table, keyed by stage name; read them as cfg.<stage> or cfg.section(stage).
+    # In YAML and in config_to_dict they are top-level keys named after the stage (there is no "sections" key).
+    sections: dict[str, Any] = field(default_factory=_default_sections)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when ordinary lookup fails: a stage name gives its section (cfg.improve).
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute or stage section {name!r}")
+
+    def section(self, stage: str) -> Any:
+        """The config section of ``stage``; ValueError for a stage the table does not have."""
+        if stage not in self.sections:
+            raise ValueError(f"stage must be one of {list(self.sections)}, got {stage!r}")
+        return self.sections[stage]
 
     def stage_dir(self, stage: str) -> Path:
         """Where a stage writes its outputs (checkpoints, final model, masks, metrics): ``output_dir/<stage>``."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.section(stage)
         return Path(self.output_dir) / stage
 
 
@@ -284,7 +338,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, laid out as the YAML is: the stage sections are top-level keys."""
+    out = dataclasses.asdict(cfg)
+    sections = out.pop("sections")
+    return {**out, **sections}
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
@@ -294,8 +351,9 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
-# Stage fields that set when things are logged, saved or evaluated, not what is trained: they may change on resume.
-SCHEDULE_ONLY_KEYS = ("logging_steps", "save_steps", "eval_steps")
+# Stage fields that set when or how things are logged, saved or evaluated, not what is trained: they may change on
+# resume.
+SCHEDULE_ONLY_KEYS = ("logging_steps", "save_steps", "eval_steps", "per_device_eval_batch_size")
 
 
 class ConfigChangedError(AlloTrainError):
@@ -311,7 +369,7 @@ def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     logging/saving/evaluation cadence, ``output_dir``, ``report_to``, ``save_total_limit``,
     ``gradient_checkpointing`` (same math), ``trust_remote_code``. The caller adds what it resolves itself (the
     starting model, the masks' digest)."""
-    section = getattr(cfg, stage)
+    section = cfg.section(stage)
     out = {f"{stage}.{k}": v for k, v in dataclasses.asdict(section).items() if k not in SCHEDULE_ONLY_KEYS}
     ds = resolve_deepspeed_config(cfg) or {}
     out.update(
@@ -381,20 +439,30 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
         raise ValueError(f"config key {where!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # TrainConfig: the stage table's sections are keys of their own; "sections" itself is not a key.
+    sections = _stage_table() if cls is TrainConfig else {}
+    if sections:
+        del fields["sections"]
     for key in raw:
-        if key not in fields:
-            known = ", ".join(sorted(fields))
+        if key not in fields and key not in sections:
+            known = ", ".join(sorted([*fields, *sections]))
             raise ValueError(
                 f"unknown config key {prefix + str(key)!r} (value {raw[key]!r}); known keys in {where}: {known}"
             )
     kwargs = {}
     for name, value in raw.items():
+        if name in sections:
+            continue
         dotted = prefix + name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, prefix=dotted + ".")
         else:
             kwargs[name] = _check_value(dotted, _coerce(dotted, value, tp), fields[name].metadata)
+    if sections:
+        kwargs["sections"] = {
+            name: _build(spec.section, raw.get(name), prefix=f"{name}.") for name, spec in sections.items()
+        }
     return cls(**kwargs)
 
 
@@ -467,6 +535,8 @@ def _exact(value: Any, tp: Any) -> bool:
 def _check_value(dotted: str, value: Any, meta: Any) -> Any:
     if value is None:
         return value
+    if isinstance(value, list):  # the metadata applies to each item
+        return [_check_value(f"{dotted}[{i}]", v, meta) for i, v in enumerate(value)]
     if "choices" in meta and value not in meta["choices"]:
         raise ValueError(f"config key {dotted!r} must be one of {list(meta['choices'])}, got {value!r}")
     if "range" in meta:
@@ -482,49 +552,30 @@ def _check_value(dotted: str, value: Any, meta: Any) -> Any:
     return value
 
 
-_INHERITED = tuple(f.name for f in dataclasses.fields(StageTrainingArgs) if f.name != "data_path") + (
-    "beta",
-    "loss_type",
-    "label_smoothing",
-)
+def _check_lengths(prefix: str, section: Any) -> None:
+    if section.max_prompt_length >= section.max_length:
+        raise ValueError(
+            f"config key {prefix + 'max_prompt_length'!r} must be < {prefix + 'max_length'} "
+            f"({section.max_length}), got {section.max_prompt_length}"
+        )
 
 
 def _resolve_and_check(cfg: TrainConfig) -> None:
-    for stage in ("sft", "correct", "warmup", "forget", "improve"):
-        section = getattr(cfg, stage)
-        for name in _INHERITED:
-            if hasattr(section, name) and getattr(section, name) is None:
-                inherited = getattr(cfg, name)
-                setattr(section, name, inherited)
-    for stage in ("forget", "improve"):
-        section = getattr(cfg, stage)
-        if section.ratio is None:
+    top_level = {f.name for f in dataclasses.fields(TrainConfig)}
+    table = _stage_table()
+    for stage, section in cfg.sections.items():
+        for f in dataclasses.fields(section):  # None: the top-level value of the same name
+            if f.name in top_level and getattr(section, f.name) is None:
+                setattr(section, f.name, getattr(cfg, f.name))
+        if table[stage].needs_masks and section.ratio is None:
             section.ratio = cfg.locate.ratio
 
     for i, stage in enumerate(cfg.pipeline.stages):
-        if stage not in STAGES:
-            raise ValueError(f"config key 'pipeline.stages[{i}]' must be one of {list(STAGES)}, got {stage!r}")
+        if stage not in table:
+            raise ValueError(f"config key 'pipeline.stages[{i}]' must be one of {list(table)}, got {stage!r}")
     if len(set(cfg.pipeline.stages)) != len(cfg.pipeline.stages):
         raise ValueError(f"config key 'pipeline.stages' lists a stage twice: {cfg.pipeline.stages!r}")
-    for i, r in enumerate(cfg.report_to):
-        if r not in ("jsonl", "tensorboard", "none"):
-            raise ValueError(f"config key 'report_to[{i}]' must be 'jsonl', 'tensorboard' or 'none', got {r!r}")
-    for i, pattern in enumerate(cfg.locate.exclude):
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as e:
-                raise ValueError(f"config key 'locate.exclude[{i}]' is not a valid regex: {pattern!r} ({e})") from None
-    for prefix, section in [("", cfg)] + [
-        (s + ".", getattr(cfg, s)) for s in ("sft", "correct", "warmup", "forget", "improve")
-    ]:
-        if section.max_prompt_length >= section.max_length:
-            raise ValueError(
-                f"config key {prefix + 'max_prompt_length'!r} must be < {prefix + 'max_length'} "
-                f"({section.max_length}), got {section.max_prompt_length}"
-            )
-    if cfg.forget.token_weight_source == "scoring_model" and not cfg.forget.scoring_model:
-        raise ValueError(
-            "config key 'forget.scoring_model' must name a model when forget.token_weight_source is 'scoring_model', "
-            f"got {cfg.forget.scoring_model!r}"
-        )
+    _check_lengths("", cfg)
+    for stage, section in cfg.sections.items():
+        if hasattr(section, "check"):
+            section.check(stage)

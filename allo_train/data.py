@@ -32,9 +32,10 @@ and then treated like strings. ``token_weights`` cover the response tokens *befo
 Truncation: the prompt keeps its last ``max_prompt_length`` tokens (the part next to the response), then the response
 keeps its first ``max_length - len(prompt)`` tokens (and its weights with it).
 
-Features and batches use the *unshifted* layout: ``labels[t]`` is ``input_ids[t]`` on response tokens and -100 on
-prompt tokens and padding, ``token_weights[t]`` is the weight of the token ``input_ids[t]`` (0 on prompt and padding).
-Callers shift: ``logits[:, :-1]`` with ``labels[:, 1:]`` and ``token_weights[:, 1:]``. Padding is on the right.
+Features and batches use the *unshifted* layout: ``labels[t]`` is ``input_ids[t]`` on response tokens and
+``IGNORE_INDEX`` (-100, allo_kernels' constant) on prompt tokens and padding, ``token_weights[t]`` is the weight of
+the token ``input_ids[t]`` (0 on prompt and padding). Callers shift: ``logits[:, :-1]`` with ``labels[:, 1:]`` and
+``token_weights[:, 1:]``. Padding is on the right.
 
 "corrected" weights (:func:`corrected_token_weights`): ``difflib.SequenceMatcher(None, rejected_ids, corrected_ids,
 autojunk=False)`` aligns the two token sequences (Ratcliff/Obershelp: close to, not always exactly, a minimal edit).
@@ -58,7 +59,11 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from allo_kernels import IGNORE_INDEX
+
+# Where a forgetting example's token weights come from: its "token_weights" field, a "corrected" response (tokens the
+# correction changes get weight 1), or a scoring model named in the config (nothing extra in the file).
+TOKEN_WEIGHT_SOURCES = ("token_weights", "corrected", "scoring_model")
 # Token weights scale a token's forgetting loss; ALLO's are in [0, 1]. Far larger values mean the file holds something
 # else (logits, counts) and would blow the loss up, so they are refused.
 MAX_TOKEN_WEIGHT = 1000.0
@@ -193,9 +198,9 @@ def load_preference_jsonl(path: str | Path) -> list[PreferenceExample]:
 def load_forgetting_jsonl(path: str | Path, *, token_weight_source: str = "token_weights") -> list[ForgettingExample]:
     """``token_weight_source``: "token_weights" | "corrected" | "scoring_model" (the field each line must carry;
     nothing extra for "scoring_model")."""
-    if token_weight_source not in ("token_weights", "corrected", "scoring_model"):
+    if token_weight_source not in TOKEN_WEIGHT_SOURCES:
         raise ValueError(
-            f"token_weight_source must be 'token_weights', 'corrected' or 'scoring_model', got {token_weight_source!r}"
+            f"token_weight_source must be one of {list(TOKEN_WEIGHT_SOURCES)}, got {token_weight_source!r}"
         )
     out = []
     for where, obj in read_jsonl(path):
@@ -261,6 +266,11 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def _plain_messages(messages: Messages) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def plain_text(text: Text) -> str:
+    """A string as is; chat messages as ``"role: content"`` lines (how a prompt without a chat template reads)."""
+    return _plain_messages(text) if isinstance(text, list) else text
 
 
 def encode_prompt_response(

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from . import generation
 from .errors import AlloTrainError
 from .lock import LOCK_FILE, hold_output_dir
 
@@ -173,43 +174,22 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- generation
-def load_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    return model
-
-
-@torch.no_grad()
-def generate(
-    model, tokenizer, prompts: list[str], *, sample: bool = False, num_return_sequences: int = 1, batch_size: int = 512
-) -> list[list[str]]:
+def generate(model, tokenizer, prompts: list[str], *, sample: bool = False, num_return_sequences: int = 1):
     """Answers per prompt (greedy, or ``num_return_sequences`` samples at temperature 1). All prompts have the same
-    length, so batches need no padding."""
-    out: list[list[str]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        ids = tokenizer(chunk, return_tensors="pt").input_ids  # <bos> + characters
-        gen = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=sample,
-            temperature=1.0 if sample else None,
-            top_k=None,
-            top_p=None,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
-        out.extend(texts[j * num_return_sequences : (j + 1) * num_return_sequences] for j in range(len(chunk)))
-    return out
+    length (operands are 10..99), so batches need no padding."""
+    return generation.generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=MAX_NEW_TOKENS,
+        sample=sample,
+        num_return_sequences=num_return_sequences,
+    )
 
 
 def exact_match(model_dir: Path, tokenizer, problems: list[tuple[int, int]]) -> float:
     """Held-out exact match in percent, greedy decoding."""
-    model = load_model(model_dir)
+    model = generation.load_for_inference(model_dir)
     answers = generate(model, tokenizer, [prompt_of(a, b) for a, b in problems])
     right = sum(ans[0] == answer_of(a, b) for ans, (a, b) in zip(answers, problems))
     return 100.0 * right / len(problems)
@@ -219,7 +199,7 @@ def build_alignment_data(
     model_dir: Path, tokenizer, problems: list[tuple[int, int]], out: Path, *, seed: int, samples_per_prompt: int
 ) -> dict:
     """The SFT model's own wrong answers -> preference pairs and forgetting data (corrected = ground truth)."""
-    model = load_model(model_dir)
+    model = generation.load_for_inference(model_dir)
     prompts = [prompt_of(a, b) for a, b in problems]
     greedy = generate(model, tokenizer, prompts)
     torch.manual_seed(seed)
@@ -507,8 +487,9 @@ def run_demo(
 
 def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
     from .model import build_tiny_llama
-    from .stages import model_dir, run_pipeline, run_stage
+    from .stages import model_dir
     from .tokenizer import build_char_tokenizer
+    from .trainer import run_pipeline, run_stage
 
     t0 = time.perf_counter()
     s = replace(QUICK if quick else FULL, **overrides)
@@ -537,7 +518,7 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
         max_position_embeddings=32,
         seed=seed,
     )
-    n_params = sum(p.numel() for p in load_model(base).parameters())
+    n_params = sum(p.numel() for p in generation.load_for_inference(base).parameters())
     _say(
         f"task: two-digit addition; {len(problems['sft'])} SFT problems, {len(problems['align'])} alignment "
         f"prompts, {len(problems['held_out'])} held-out problems; tiny Llama with {n_params:,} parameters"

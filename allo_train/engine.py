@@ -1,4 +1,5 @@
-"""DeepSpeed set-up: process group, the engine's config, SparseAdamW bound to the engine, and the LR schedule.
+"""Everything allo_train does with DeepSpeed: the process group, the engine's config, the engine with SparseAdamW
+bound to it, the LR schedule, the final full weights and loading a checkpoint into the engine.
 
 Launch with the ``deepspeed`` launcher or ``torchrun`` (they set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT); a
 plain ``allo-train`` call runs as a single rank on 127.0.0.1. Without CUDA the gloo backend and DeepSpeed's CPU
@@ -13,7 +14,11 @@ import os
 
 import torch
 
+from .checkpoint import CheckpointError
+
 _DS_OWNED_KEYS = ("optimizer", "scheduler")
+# Learning-rate schedules (HF names); every one starts with the linear warm-up of ``warmup_ratio`` when it is > 0.
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -85,8 +90,6 @@ def deepspeed_config(
         ds["bf16"]["enabled"] = False
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") == "auto":
         ds["fp16"]["enabled"] = False
-    ds["zero_allow_untested_optimizer"] = True  # SparseAdamW is a client optimizer
-    ds["zero_force_ds_cpu_optimizer"] = False  # ...that also runs the offloaded step (native CPU kernel)
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -96,7 +99,7 @@ def lr_lambda(kind: str, *, total_steps: int, warmup_steps: int):
     def fn(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
-        if kind == "constant":
+        if kind in ("constant", "constant_with_warmup"):
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         progress = min(max(progress, 0.0), 1.0)
@@ -118,41 +121,55 @@ def initialize(
     total_steps: int,
     warmup_steps: int,
 ):
-    """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine.
+    """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine (through
+    ``allo_kernels.integrations.deepspeed.initialize``).
 
     masks: {parameter name: bool mask} (names as in ``module.named_parameters()``), or None to train every parameter
     densely. With masks, a parameter whose mask selects nothing, or that has no mask at all, is frozen
     (requires_grad=False), so ZeRO keeps no fp32 master, gradient or state for it; a mask whose shape is neither the
     parameter's nor ``(rows,)`` is a ValueError (checked before anything reads the mask). Returns the engine.
     """
-    import deepspeed
-
-    from allo_kernels import SparseAdamW
+    from allo_kernels.integrations import deepspeed as ak_deepspeed
 
     from .locate import check_mask_shape
 
-    params, param_masks = [], {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        mask = None if masks is None else masks.get(name)
-        if mask is not None:
-            check_mask_shape(name, mask, tuple(p.shape))
-        if masks is not None and (mask is None or not bool(mask.any())):
-            p.requires_grad_(False)
-            continue
-        params.append(p)
-        if mask is not None and not bool(mask.all()):
-            param_masks[p] = mask.to(p.device)
-    if not params:
-        raise ValueError("the masks select no parameter at all: nothing to train (check locate.ratio / exclude)")
-    optimizer = SparseAdamW(params, lr=learning_rate, weight_decay=weight_decay, masks=param_masks or None)
+    if masks is not None:
+        trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        for name, mask in masks.items():
+            if name in trainable:
+                check_mask_shape(name, mask, tuple(trainable[name].shape))
+        if not any(bool(mask.any()) for name, mask in masks.items() if name in trainable):
+            raise ValueError("the masks select no parameter at all: nothing to train (check locate.ratio / exclude)")
     schedule = lr_lambda(lr_scheduler_type, total_steps=total_steps, warmup_steps=warmup_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
+    engine, _ = ak_deepspeed.initialize(
+        module,
         config=ds_config,
+        masks=masks,
+        lr=learning_rate,
+        weight_decay=weight_decay,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    optimizer.bind(engine)
     return engine
+
+
+def full_state_dict(engine) -> dict | None:
+    """Full weights of the wrapped causal LM on rank 0 (ZeRO-3 partitions are gathered); None on other ranks."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    if sd is None:
+        return None
+    return {k[len("lm.") :]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
+
+
+def load_engine_checkpoint(engine, ckpt) -> None:
+    """``engine.load_checkpoint`` on the checkpoint's ``deepspeed/`` directory; a failure names the checkpoint (and
+    DeepSpeed's silent "nothing loaded" becomes an error)."""
+    where = ckpt.path / "deepspeed"
+    try:
+        loaded, _ = engine.load_checkpoint(str(where), tag="state")
+    except Exception as e:
+        raise CheckpointError(f"{where}: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e})") from e
+    if loaded is None:
+        raise CheckpointError(f"{where}: DeepSpeed found no checkpoint 'state' to load")

@@ -42,12 +42,16 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_EXCLUDE
 from .files import apply_umask, naming_write_errors
 
 GRANULARITIES = ("element", "row", "layer")
 SCOPES = ("global", "per_matrix")
+# How the locate stage measures importance: "delta" = |theta_warm - theta_start|, "grad" = accumulated |grad|.
+IMPORTANCES = ("delta", "grad")
+# Not candidates unless the config says otherwise: embeddings, norms and lm_head (fnmatch patterns on the name).
+DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*.ln_*", "*ln_f*", "lm_head*", "*.lm_head*")
 MASKS_FILE = "masks.safetensors"
+IMPORTANCE_FILE = "importance.safetensors"
 STATS_FILE = "mask_stats.json"
 HEATMAP_FILE = "mask_heatmap.png"
 

@@ -1,4 +1,5 @@
-"""Models: load a local Hugging Face causal LM, build a tiny Llama, and the policy wrapper the engine trains.
+"""Models: load a local Hugging Face causal LM (and tokenizer), build a tiny Llama, the policy wrapper the engine
+trains, and the atomic save.
 
 The wrapper returns final hidden states instead of logits: every loss goes through the fused-linear kernels of
 ``allo_kernels`` (hidden x lm_head chunk by chunk), so the [B, T, V] logits never exist. The lm_head module itself is
@@ -37,6 +38,13 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, trus
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attention_implementation(), trust_remote_code=trust_remote_code
     )
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The Hugging Face tokenizer saved at ``name_or_path`` (a model directory, or the config's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
 def build_tiny_llama(

@@ -7,7 +7,7 @@ chunked losses compute their gradients inside the forward, so a forward-only com
 
 * ``allo``          ``allo_kernels.preference_loss(hidden, labels, lm_head_weight=W, ref_logprobs=ref)``: the token-
                     chunked fused-linear log-prob kernels (recompute backward, fp32 weight-gradient accumulator) and
-                    ``losses.masked_dpo_loss`` on the per-sequence sums. On CPU the torch path of the same chunking.
+                    ``losses.kept_token_dpo_loss`` on the per-sequence sums. On CPU the torch path of the same chunking.
 * ``unfused``       our kernels on materialised logits: ``preference_loss(hidden @ W.T, labels, ref_logprobs=ref)``.
 * ``eager_hf``      the eager Hugging Face / TRL-0.8 path (what the official ALLO code runs): ``logits = hidden @ W.T``
                     in the input dtype, ``log_softmax(logits.float())``, gather, masked per-sequence sums, sigmoid DPO.

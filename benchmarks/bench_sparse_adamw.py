@@ -2,7 +2,7 @@
 
 CPU (native C++ kernel): 4 fp32 weights, row masks selecting 1/5/10/25/100 % of the rows (rows drawn at random),
 against dense ``torch.optim.AdamW(fused=True)`` and DeepSpeed's ``DeepSpeedCPUAdam`` on the same tensors.
-Target (DESIGN.md): at 10 % rows >= 6x faster than both; at 100 % at least DeepSpeedCPUAdam's speed.
+Target (docs/design.md): at 10 % rows >= 6x faster than both; at 100 % at least DeepSpeedCPUAdam's speed.
 
     ALLO_BENCH_FULL=1 pytest benchmarks/bench_sparse_adamw.py      # 4 x 4096 x 4096 (default: 4 x 512 x 512)
     python benchmarks/bench_sparse_adamw.py          # full CPU table -> .bench-results/cpu-sparse_adamw.json

@@ -26,7 +26,7 @@ import torch
 
 import allo_kernels as ak
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = ak.IGNORE_INDEX  # -100, the value Hugging Face models ignore too
 
 SFT_EXAMPLES = [
     ("Q: capital of France? A:", " Paris."),

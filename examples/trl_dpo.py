@@ -36,7 +36,7 @@ import torch
 
 import allo_kernels as ak
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = ak.IGNORE_INDEX  # -100, the value Hugging Face models ignore too
 SUPPORTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 PREFERENCE_DATA = [

@@ -23,7 +23,7 @@ from allo_kernels.row_deltas import FROZEN_ONLY_ATTR
 
 transformers = pytest.importorskip("transformers")
 
-FP32 = dict(atol=1e-5, rtol=1e-5)  # DESIGN.md: fp32 atol 1e-5
+FP32 = dict(atol=1e-5, rtol=1e-5)  # docs/design.md: fp32 atol 1e-5
 BF16_RTOL = 1.6e-2  # bf16 judged against an fp32 reference of the same inputs (a few bf16 roundings)
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

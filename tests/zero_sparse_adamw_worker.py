@@ -23,6 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from allo_kernels.integrations.deepspeed import binding_of
 from allo_kernels.optim import SparseAdamW, zero_param_groups
 
 CLIP = 0.05
@@ -170,7 +171,7 @@ def run_config(stage, offload, backend, ref, world, rank, ckpt_root):
     res["unselected_bit_identical"] = unselected_ok
     # compact state: the rows this rank holds, and all ranks together
     res["state_elems_local"] = sum(
-        int(opt.state[f]["exp_avg"].numel()) for f in opt._binding.flat_params if "exp_avg" in opt.state.get(f, {})
+        int(opt.state[f]["exp_avg"].numel()) for f in binding_of(opt).flat_params if "exp_avg" in opt.state.get(f, {})
     )
     exported = opt.export_state()
     st_err = 0.0

@@ -46,15 +46,15 @@ without native half GEMMs, an fp32 copy of W. The last chunk's buffers stay aliv
 Under ``torch.autocast`` the logits are computed in the autocast dtype (what ``nn.Linear`` would give), in the
 forward and again in the backward, wherever the backward runs.
 
-DeepSpeed ZeRO-3: when ``weight`` (and ``bias``) are ZeRO-3 partitions (empty local shards), they are gathered for
-the forward and again for the backward, and released afterwards, through the ``all_gather``/``partition`` methods
-DeepSpeed attaches to its parameters (no deepspeed import here). The full-size gradient is returned to autograd,
-where DeepSpeed's own hooks reduce-scatter it as for any ZeRO-3 parameter.
+Partitioned weights (DeepSpeed ZeRO-3): the op knows no framework. It takes a gather context (``gather=``, a
+``allo_kernels.integrations.ParamGather``) and asks it for the weight's full shape, for the full values around the
+forward and again for the backward, and to release them afterwards. The default, ``integrations.DEFAULT_GATHER``,
+gathers ZeRO-3 partitions (``integrations.deepspeed.ZeRO3Gather``) and uses any other tensor as it is. The full-size
+gradient is returned to autograd, where the framework's own hooks reduce-scatter it as for any of its parameters.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -62,7 +62,8 @@ import torch
 
 from .._backend import select_backend
 from .._validate import FLOAT_DTYPES, check_same_device, check_tensor, describe
-from .token_logprobs import logprobs_backward, logprobs_forward, row_layout, validate_logits_labels
+from ..integrations import DEFAULT_GATHER, ParamGather
+from .token_logprobs import IGNORE_INDEX, logprobs_backward, logprobs_forward, row_layout, validate_logits_labels
 from .token_scores import TokenScores, scores_from_logprobs, validate_score_options
 
 # Budget for the chunk buffers when chunk_size is None.
@@ -107,56 +108,6 @@ def auto_chunk_size(
     return int(max(1, min(n_rows, rows)))
 
 
-# ---------------------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
-def _is_zero3_partitioned(p: torch.Tensor | None) -> bool:
-    status = getattr(p, "ds_status", None)
-    return status is not None and getattr(status, "name", str(status)) == "NOT_AVAILABLE"
-
-
-@contextlib.contextmanager
-def gathered(*params: torch.Tensor | None):
-    """Gather ZeRO-3-partitioned params for the duration of the block (no-op for ordinary tensors)."""
-    todo = [p for p in params if _is_zero3_partitioned(p)]
-    for p in todo:
-        p.all_gather()
-    try:
-        yield
-    finally:
-        for p in todo:
-            p.partition()
-
-
-def _gather_for_backward(*params: torch.Tensor | None) -> list[torch.Tensor]:
-    """Gather ZeRO-3 partitions for the backward and release them only after autograd accumulated their gradient.
-
-    Autograd checks the returned gradient against the parameter's full shape when it accumulates it, and DeepSpeed's
-    reduce hook (registered at initialize, so it runs first) reads it there; our own post-hook on the same
-    AccumulateGrad node then partitions the parameter again. Returns the parameters without a gradient (frozen),
-    which the caller releases itself when the backward is done.
-    """
-    release_now = []
-    for p in params:
-        if not _is_zero3_partitioned(p):
-            continue
-        p.all_gather()
-        if not p.requires_grad:
-            release_now.append(p)
-            continue
-        if getattr(p, "_allo_grad_acc", None) is None:
-            with torch.enable_grad():  # backward runs with grad mode off; the node lookup needs a graph
-                acc = p.expand_as(p).grad_fn.next_functions[0][0]
-
-            def release(*_unused, p=p):
-                if getattr(p, "_allo_release_pending", False):
-                    p._allo_release_pending = False
-                    p.partition()
-
-            acc.register_hook(release)
-            p._allo_grad_acc = acc  # keep the node (and its hook) alive, as DeepSpeed does for its own hooks
-        p._allo_release_pending = True
-    return release_now
-
-
 # --------------------------------------------------------------------------------------------------------- the chunks
 def native_half_gemm(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether GEMMs in ``dtype`` run natively (fast) on ``device``: always on CUDA and for fp32; on CPU only where
@@ -176,6 +127,7 @@ class _Options:
     use_triton: bool
     compute_dtype: torch.dtype  # the logits' dtype: autocast's when it is on, else the inputs'
     keep_last_chunk: bool  # a backward will follow: hand the forward's last chunk of logits to it
+    gather: ParamGather  # how the backward reaches the full weight and bias again
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -387,7 +339,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 chunks.unbind()
                 del chunks
         ctx.save_for_backward(hidden, labels, lse)
-        # weight/bias are kept as objects, not saved tensors: under ZeRO-3 their storage is released after the
+        # weight/bias are kept as objects, not saved tensors: a partitioned weight's storage is released after the
         # forward and gathered again in the backward, so only the parameter objects themselves stay valid.
         ctx.weight, ctx.bias = weight, bias
         ctx.opts = opts
@@ -421,7 +373,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         grad_h = None
         if need_h:
             grad_h = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
-        release = _gather_for_backward(weight, bias)
+        release = opts.gather.gather_for_backward(weight, bias)
         # No accumulator (and below no dW GEMM) for a frozen weight; fp32 weights accumulate into their gradient.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -465,23 +417,24 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         del chunks, held, held_z
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        for p in release:
-            p.partition()
+        release()
         return grad_h, grad_w, grad_b, None, None
 
 
 # ------------------------------------------------------------------------------------------------------- public API
-def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, temperature):
+def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, temperature, gather):
     hidden = check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)
     weight = check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
     labels = check_tensor("labels", labels)
     if bias is not None:
         bias = check_tensor("bias", bias, dtypes=FLOAT_DTYPES)
     check_same_device(hidden=hidden, weight=weight, bias=bias)
-    # A ZeRO-3 partition holds an empty local shard; its real shape is ds_shape.
-    full_shape = (
-        tuple(getattr(weight, "ds_shape", weight.shape)) if _is_zero3_partitioned(weight) else tuple(weight.shape)
-    )
+    if gather is None:
+        gather = DEFAULT_GATHER
+    elif not isinstance(gather, ParamGather):
+        raise TypeError(f"gather must be an allo_kernels.integrations.ParamGather or None, got {describe(gather)}")
+    # A partitioned parameter's local tensor may be empty: the gather context knows its full shape.
+    full_shape = gather.full_shape(weight)
     if len(full_shape) != 2:
         raise ValueError(f"weight must have 2 dimensions [V, H], got {describe(weight)}")
     vocab, width = full_shape
@@ -490,10 +443,7 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
             f"hidden's last dimension must equal weight's second dimension {width} (weight is [V, H]), "
             f"got {describe(hidden)}"
         )
-    bias_shape = (
-        tuple(getattr(bias, "ds_shape", ())) if _is_zero3_partitioned(bias) else tuple(getattr(bias, "shape", ()))
-    )
-    if bias is not None and bias_shape != (vocab,):
+    if bias is not None and gather.full_shape(bias) != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},) (one entry per vocabulary row), got {describe(bias)}")
     if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         raise TypeError(f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
@@ -502,10 +452,10 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
     # Reuse the log-prob checks (labels shape/range, temperature) on a zero-stride stand-in for the logits.
     standin = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
     _, labels, temperature = validate_logits_labels(standin, labels, ignore_index=ignore_index, temperature=temperature)
-    return hidden, weight, labels, bias, temperature
+    return hidden, weight, labels, bias, temperature, gather
 
 
-def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size):
+def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather):
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
@@ -513,9 +463,9 @@ def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chu
     use_triton = select_backend(hidden.device) == "triton"
     needs_grad = h2.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     keep = torch.is_grad_enabled() and needs_grad
-    opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), keep)
-    # Gather ZeRO-3 partitions *before* apply, so autograd records the full parameter shapes.
-    with gathered(weight, bias):
+    opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), keep, gather)
+    # Gather partitioned parameters *before* apply, so autograd records the full parameter shapes.
+    with gather.gathered(weight, bias):
         logp = FusedLinearLogprobsFunction.apply(h2, weight, bias, labels.reshape(-1).contiguous(), opts)
     return logp.view(lead), use_triton
 
@@ -526,18 +476,21 @@ def fused_linear_token_logprobs(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    gather: ParamGather | None = None,
 ) -> torch.Tensor:
     """``token_logprobs(hidden @ weight.T (+ bias), labels)`` without ever holding the full [N, V] logits.
 
     Args:
         hidden: [..., H] (e.g. [B, T, H] final hidden states; pass ``hidden[:, :-1]`` with ``labels[:, 1:]``).
-        weight: [V, H] lm_head weight (ZeRO-3 partitions are gathered for the call).
+        weight: [V, H] lm_head weight (a partitioned one is gathered for the forward and for the backward).
         labels: [...] ids in [0, V) or ``ignore_index``.
         bias: optional [V].
         chunk_size: rows per chunk (None: chosen from V, H and free memory; see ``auto_chunk_size``).
+        gather: the gather context of partitioned parameters (None: ``integrations.DEFAULT_GATHER``, which gathers
+            DeepSpeed ZeRO-3 partitions and uses any other tensor as it is).
 
     Returns:
         fp32 [...] log-probs, differentiable w.r.t. hidden, weight and bias (weight/bias gradients accumulated in fp32).
@@ -545,10 +498,10 @@ def fused_linear_token_logprobs(
     Under ``torch.autocast`` the logits are computed in the autocast dtype, as an ``nn.Linear`` lm_head would compute
     them (hidden and weight may then differ in dtype), and recomputed in it in the backward wherever that runs.
     """
-    hidden, weight, labels, bias, temperature = _validate_linear(
-        hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature
+    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+        hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature, gather=gather
     )
-    return _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size)[0]
+    return _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather)[0]
 
 
 def fused_linear_token_scores(
@@ -563,20 +516,22 @@ def fused_linear_token_scores(
     mask_fraction: float = 0.0,
     mask_by: str = "highest",
     mask_scope: str = "sequence",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    gather: ParamGather | None = None,
 ) -> TokenScores:
-    """The fused-linear twin of ``token_scores``: same options, same ``TokenScores``, from hidden [B, T, H]."""
-    hidden, weight, labels, bias, temperature = _validate_linear(
-        hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature
+    """The fused-linear twin of ``token_scores``: same options, same ``TokenScores``, from hidden [B, T, H]
+    (``gather`` as in ``fused_linear_token_logprobs``)."""
+    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+        hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature, gather=gather
     )
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (3 dimensions), got {describe(hidden)}")
     ref, w, beta, mask_fraction = validate_score_options(
         labels, ref_logprobs, weights, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by, mask_scope=mask_scope
     )
-    logprobs, use_triton = _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size)
+    logprobs, use_triton = _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather)
     return scores_from_logprobs(
         logprobs,
         labels,

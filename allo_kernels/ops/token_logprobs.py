@@ -58,6 +58,10 @@ else:  # pragma: no cover
     triton = None
     tl = None
 
+# The label value that marks a position without a target (prompt, padding): such a row's log-prob is 0 and it gets no
+# gradient. The default ``ignore_index`` of every op and loss, and the value allo_train's collators pad labels with.
+IGNORE_INDEX = -100
+
 # Largest vocabulary block one program loads at a time. Tests shrink it (monkeypatch) to exercise the multi-block loop
 # and the masked tail on small vocabularies under the interpreter.
 MAX_BLOCK_V = 4096
@@ -373,7 +377,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------------- torch reference
 def token_logprobs_reference(
-    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, temperature: float = 1.0
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX, temperature: float = 1.0
 ) -> torch.Tensor:
     """Plain-torch ground truth (and CPU fallback): fp32 log-softmax, gather, zeros at ignored positions.
 
@@ -420,7 +424,7 @@ def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     inplace_backward: bool = False,
 ) -> torch.Tensor:

@@ -1,29 +1,31 @@
 """token_scores: per-token log-probs, rewards, weights and a top-percentile token mask, with per-sequence sums.
 
-This is what ALLO's two training stages consume:
+This is what ALLO's two training stages consume. Words: the tokens the percentile rule removes from the sums are
+*dropped* (``TokenScores.dropped``); the options keep their published names (``mask_fraction`` = the fraction dropped,
+``mask_by``, ``mask_scope``). *Select* and *masks* mean neurons elsewhere (locate, SparseAdamW), never tokens.
 
     logp_t   = log_softmax(logits_t / T)[label_t]                   (the token_logprobs kernel: one read of [B,T,V])
     reward_t = beta * (logp_t - ref_t)                               (detached)
-    masked_t = t is among the floor(f * n) valid tokens of its scope with the highest (or lowest) reward,
-               ties going to the earlier position; n = #valid tokens in the scope (a sequence, or the whole batch)
-    keep_t   = valid_t and not masked_t
+    dropped_t = t is among the floor(f * n) valid tokens of its scope with the highest (or lowest) reward,
+                ties going to the earlier position; n = #valid tokens in the scope (a sequence, or the whole batch)
+    keep_t   = valid_t and not dropped_t
     seq_logprobs_b     = sum_t keep_t * w_t * logp_t                 (differentiable)
     seq_ref_logprobs_b = sum_t keep_t * w_t * ref_t
     n_tokens_b         = sum_t keep_t
 
 Selection and weights are constants for autograd (as in the official ALLO code), so the gradient reaching the
 log-prob kernel is simply dL/dlogp_t = g_b * keep_t * w_t (+ any direct use of ``logprobs``): one backward read of
-the logits, and masked tokens (zero gradient) do not even read their row.
+the logits, and dropped tokens (zero gradient) do not even read their row.
 
 The selection needs no host sync and no Python loop: one stable sort per scope orders the valid tokens by
 
     sort key = (class, key, position),   key = +reward ("highest") or -reward ("lowest"), descending
     class    = 0 for a valid token with a number as reward (+-inf included), 1 for a valid NaN reward, 2 for ignored
-    masked_i = rank_i < k_scope          (k <= n, so only valid tokens are ever masked)
+    dropped_i = rank_i < k_scope         (k <= n, so only valid tokens are ever dropped)
 
-so exactly k = floor(f * n) tokens are masked, ties go to the earlier position, and a NaN reward ranks after every
-number whichever ``mask_by``: it is masked only when k exceeds the number of valid non-NaN tokens of its scope (and
-stays in the loss, where the NaN shows, rather than being hidden by the mask). -0.0 and +0.0 tie.
+so exactly k = floor(f * n) tokens are dropped, ties go to the earlier position, and a NaN reward ranks after every
+number whichever ``mask_by``: it is dropped only when k exceeds the number of valid non-NaN tokens of its scope (and
+stays in the loss, where the NaN shows, rather than being hidden by the drop). -0.0 and +0.0 tie.
 On the Triton path one elementwise kernel computes the rewards and packs the sort key into an int64
 (``class << 32 | order-preserving bits of the fp32 key``); ``torch.sort(stable=True)`` (a segmented radix sort on the
 GPU) and one scatter give the mask: O(L log L) per scope of length L, where counting ranks pairwise costs O(L^2)
@@ -48,6 +50,7 @@ from .._validate import (
     describe,
 )
 from .token_logprobs import (
+    IGNORE_INDEX,
     TokenLogprobsFunction,
     _Options,
     as_row_addressable,
@@ -73,8 +76,9 @@ class TokenScores:
     Attributes:
         logprobs: [B, T] fp32 per-token log-probs (differentiable); 0 at ignored positions.
         rewards: [B, T] fp32 ``beta * (logprobs - ref_logprobs)`` (detached); 0 at ignored positions.
-        keep: [B, T] bool: valid (label != ignore_index) and not masked.
-        masked: [B, T] bool: valid tokens removed by the top-percentile mask.
+        keep: [B, T] bool: valid (label != ignore_index) and not dropped.
+        dropped: [B, T] bool: valid tokens dropped by the top-percentile rule (``mask_fraction``, ``mask_by``,
+            ``mask_scope``). Also readable as ``masked``, its earlier name.
         seq_logprobs: [B] ``sum_t keep * w * logp`` (differentiable).
         seq_ref_logprobs: [B] ``sum_t keep * w * ref``.
         n_tokens: [B] float ``sum_t keep``.
@@ -84,11 +88,16 @@ class TokenScores:
     logprobs: torch.Tensor
     rewards: torch.Tensor
     keep: torch.Tensor
-    masked: torch.Tensor
+    dropped: torch.Tensor
     seq_logprobs: torch.Tensor
     seq_ref_logprobs: torch.Tensor
     n_tokens: torch.Tensor
     weights: torch.Tensor
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """``dropped`` under its earlier name (kept for existing code; "mask" now means selected neurons only)."""
+        return self.dropped
 
 
 # ----------------------------------------------------------------------------------------------------------- kernels
@@ -110,7 +119,7 @@ if triton is not None:
         HIGHEST: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Rewards and the int64 sort key (ascending = masking order) of n tokens (flat, contiguous)."""
+        """Rewards and the int64 sort key (ascending = dropping order) of n tokens (flat, contiguous)."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_n = i < n
         valid = tl.load(labels_ptr + i, mask=in_n, other=ignore_index) != ignore_index
@@ -143,7 +152,7 @@ def _select_triton(
     ignore_index: int,
     highest: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logp/ref/labels contiguous [S, L], k [S] int64. Returns (rewards fp32 [S, L], masked bool [S, L])."""
+    """logp/ref/labels contiguous [S, L], k [S] int64. Returns (rewards fp32 [S, L], dropped bool [S, L])."""
     S, L = logp.shape
     rewards = torch.empty_like(logp)
     masked = torch.zeros((S, L), dtype=torch.bool, device=logp.device)
@@ -273,7 +282,7 @@ def scores_from_logprobs(
         logprobs=logprobs,
         rewards=rewards,
         keep=keep,
-        masked=masked,
+        dropped=masked,
         seq_logprobs=(logprobs * coef).sum(-1),
         seq_ref_logprobs=(ref * coef).sum(-1),
         n_tokens=keep.sum(-1).to(torch.float32),
@@ -292,7 +301,7 @@ def token_scores(
     mask_fraction: float = 0.0,
     mask_by: str = "highest",
     mask_scope: str = "sequence",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     inplace_backward: bool = False,
 ) -> TokenScores:
@@ -304,8 +313,8 @@ def token_scores(
         ref_logprobs: [B, T] per-token reference log-probs (None: 0).
         weights: [B, T] per-token weights (None: 1). Constants for autograd.
         beta: reward scale, ``reward = beta * (logp - ref)``.
-        mask_fraction: f in [0, 1): exactly ``floor(f * n)`` of the n valid tokens of each scope are masked.
-        mask_by: "highest" or "lowest" reward is masked; ties go to the earlier position.
+        mask_fraction: f in [0, 1): exactly ``floor(f * n)`` of the n valid tokens of each scope are dropped.
+        mask_by: the tokens with the "highest" or "lowest" reward are dropped; ties go to the earlier position.
         mask_scope: "sequence" (per row) or "batch" (all rows together).
         inplace_backward: write the logits gradient into the logits buffer (see ``token_logprobs``).
 

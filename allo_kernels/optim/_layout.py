@@ -30,7 +30,9 @@ class Layout:
     state_shape: tuple[int, ...]  # shape of exp_avg & co ((k, C) for row layouts, p.shape when dense, (n,) else)
     elem_mask: torch.Tensor | None = None  # bool [n_compact] or None (all compact elements are updated)
     dense: bool = False  # one segment covering the whole parameter, no element mask
-    _cpu_cache: dict = field(default_factory=dict, repr=False)
+    # Tables derived from the segments, built on first use and kept with the layout: the native kernel's CPU copies,
+    # the Triton kernel's block tables (on the layout's device) and alignment.
+    _derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -38,17 +40,17 @@ class Layout:
 
     def cpu_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Contiguous CPU copies of the segment tables (and the element mask as uint8) for the native kernel."""
-        if "tables" not in self._cpu_cache:
+        if "cpu_tables" not in self._derived:
             em = None
             if self.elem_mask is not None:
                 em = self.elem_mask.to("cpu", torch.uint8).contiguous()
-            self._cpu_cache["tables"] = (
+            self._derived["cpu_tables"] = (
                 self.seg_param.to("cpu").contiguous(),
                 self.seg_state.to("cpu").contiguous(),
                 self.seg_len.to("cpu").contiguous(),
                 em,
             )
-        return self._cpu_cache["tables"]
+        return self._derived["cpu_tables"]
 
     def flat_index(self) -> torch.Tensor:
         """int64 [n_compact]: the flat parameter element of every compact element (built on demand, not cached)."""

@@ -138,7 +138,7 @@ if triton is not None:
 def _block_table(layout: Layout, block: int) -> torch.Tensor:
     """[n_blocks, 3] int64 (param element, state element, valid count) of one layout, built on its device, cached."""
     key = ("blocks", block)
-    cache = layout._cpu_cache
+    cache = layout._derived
     if key not in cache:
         lens = layout.seg_len
         n_blk = (lens + block - 1) // block
@@ -168,7 +168,7 @@ def _pow2_divisor(values: torch.Tensor | list[int]) -> int:
 
 def _layout_alignment(layout: Layout) -> int:
     """Alignment (in elements) of every segment start, compact start and length of a layout; cached."""
-    cache = layout._cpu_cache
+    cache = layout._derived
     if "align" not in cache:
         seg_param, seg_state, seg_len, _ = layout.cpu_tables()
         cache["align"] = _pow2_divisor(torch.cat([seg_param, seg_state, seg_len]))

@@ -1,6 +1,6 @@
 """SparseAdamW: AdamW on selected rows (neurons) or elements of weights, with Adam state for selected rows only.
 
-Semantics (the contract of DESIGN.md):
+Semantics (the contract of docs/design.md):
 
 * ``masks={param: bool tensor}`` (or a param-group key ``"mask"``). A 1-D mask of length ``p.shape[0]`` selects rows,
   a mask of ``p.shape`` selects elements. Params without a mask are updated densely, like ``torch.optim.AdamW``.
@@ -25,13 +25,20 @@ Semantics (the contract of DESIGN.md):
 
 Backends: Triton for CUDA tensors (one launch per dtype group over a table of row segments), the native C++ library
 for CPU tensors (vectorised, OpenMP), the torch reference elsewhere. ``backend=`` or ``ALLO_KERNELS_BACKEND`` overrides.
-Under DeepSpeed ZeRO call ``opt.bind(engine)`` after ``deepspeed.initialize`` (see ``deepspeed_bind.py``).
+Under DeepSpeed ZeRO call ``opt.bind(engine)`` after ``deepspeed.initialize``: it runs
+``allo_kernels.integrations.deepspeed.bind``, the one module that knows DeepSpeed.
+
+The surface a framework adapter uses (and nothing private): ``masks`` (read-only {param: mask}), ``layout(t)`` (the
+compact layout a stepped tensor is updated under) and ``set_layout(t, layout, holds=...)`` (step a tensor the framework
+hands the optimizer instead of the model's parameters, e.g. a ZeRO flat fp32 partition, under a layout the adapter
+mapped from the masks). Once an adapter has set layouts, masks are fixed (``set_mask`` raises).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import torch
 
@@ -84,7 +91,8 @@ class SparseAdamW(torch.optim.Optimizer):
         self._backend = backend
         self._masks: dict[torch.Tensor, torch.Tensor] = {}
         self._layouts: dict[torch.Tensor, Layout] = {}
-        self._binding = None  # set by bind(engine)
+        self._holds: dict[torch.Tensor, tuple[str, ...]] = {}  # set_layout's names, for error messages
+        self._layouts_fixed = False  # an adapter set layouts: masks can no longer change
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -133,20 +141,7 @@ class SparseAdamW(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _check_mask(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask for param of shape {tuple(p.shape)} must be a bool tensor, got {describe(mask)}")
-        if mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask for param of shape {tuple(p.shape)} must have dtype torch.bool, got {describe(mask)}"
-            )
-        n_rows = p.shape[0] if p.dim() >= 1 else None
-        if tuple(mask.shape) != tuple(p.shape) and not (
-            mask.dim() == 1 and n_rows is not None and mask.shape[0] == n_rows
-        ):
-            raise ValueError(
-                f"mask for param of shape {tuple(p.shape)} must have shape ({n_rows},) (rows) or "
-                f"{tuple(p.shape)} (elements), got {describe(mask)}"
-            )
+        check_mask(p, mask)
         if mask.device != p.device:
             raise ValueError(
                 f"mask for param of shape {tuple(p.shape)} is on {mask.device} but the param is on "
@@ -159,7 +154,7 @@ class SparseAdamW(torch.optim.Optimizer):
         """Set (or with ``None`` remove) the mask of ``param``, migrating its state to the new selection."""
         if not any(param is q for q in self._all_params()):
             raise ValueError(f"mask given for a param that is not in this optimizer: {describe(param)}")
-        if self._binding is not None:
+        if self._layouts_fixed:
             raise RuntimeError("set_mask after bind(engine) is not supported; set masks before deepspeed.initialize")
         if mask is None:
             self._masks.pop(param, None)
@@ -175,7 +170,31 @@ class SparseAdamW(torch.optim.Optimizer):
         mask = self._masks.get(param)
         return None if mask is None else mask.clone()
 
+    @property
+    def masks(self) -> Mapping[torch.Tensor, torch.Tensor]:
+        """Read-only view ``{param: mask}`` of every mask set (params without one are dense). For adapters that map
+        masks onto a framework's tensors; the tensors are the optimizer's own copies: read them, do not edit them."""
+        return MappingProxyType(self._masks)
+
     # ----------------------------------------------------------------------------------------------- layouts
+    def set_layout(self, tensor: torch.Tensor, layout: Layout, *, holds: Sequence[str] = ()) -> None:
+        """For framework adapters: step ``tensor`` (a tensor of the param groups, e.g. a ZeRO flat fp32 partition
+        that stands for slices of many model parameters) under ``layout`` instead of the layout of its own mask.
+        ``holds`` names the model parameters it holds, for error messages. Must come before the tensor's first step;
+        afterwards the optimizer's masks are fixed (``set_mask`` raises)."""
+        if layout.numel != tensor.numel():
+            raise ValueError(f"layout for {layout.numel} elements given for a tensor of {tensor.numel()}")
+        state = self.state.get(tensor, {})
+        if "exp_avg" in state and tuple(state["exp_avg"].shape) != tuple(layout.state_shape):
+            raise RuntimeError("SparseAdamW.bind(engine) must run before the first optimizer step")
+        self._layouts[tensor] = layout
+        self._holds[tensor] = tuple(dict.fromkeys(holds))
+        self._layouts_fixed = True
+
+    def layout(self, p: torch.Tensor) -> Layout:
+        """The compact layout ``p`` is stepped under: which of its elements are updated and where their state is."""
+        return self._layout(p)
+
     def _layout(self, p: torch.Tensor) -> Layout:
         layout = self._layouts.get(p)
         if layout is None:
@@ -330,8 +349,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def _param_label(self, idx: int, p: torch.Tensor) -> str:
         """How errors name a param: its index and shape, plus the model params a bound flat ZeRO partition holds."""
         label = f"param {idx} (shape {tuple(p.shape)})"
-        pieces = self._binding.pieces.get(p, []) if self._binding is not None else []
-        names = list(dict.fromkeys(piece.name for piece in pieces))
+        names = self._holds.get(p, ())
         if names:
             label += f" holding {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
         return label
@@ -415,23 +433,41 @@ class SparseAdamW(torch.optim.Optimizer):
         )
 
     # -------------------------------------------------------------------------------------------- DeepSpeed
+    # Shortcuts to allo_kernels.integrations.deepspeed (imported when called: that module imports this one).
     def bind(self, engine) -> SparseAdamW:
         """Map the masks onto the flat fp32 partitions of a DeepSpeed engine (call after deepspeed.initialize)."""
-        from .deepspeed_bind import bind_engine
+        from ..integrations import deepspeed
 
-        self._binding = bind_engine(self, engine)
+        deepspeed.bind(self, engine)
         return self
 
     def export_state(self) -> dict:
-        """World-size independent compact state by parameter name (needs bind(engine)); see deepspeed_bind."""
-        from .deepspeed_bind import export_state
+        """World-size independent compact state by parameter name (needs bind(engine)); see
+        ``allo_kernels.integrations.deepspeed.export_state``."""
+        from ..integrations import deepspeed
 
-        return export_state(self)
+        return deepspeed.export_state(self)
 
     def import_state(self, exported: dict) -> None:
-        from .deepspeed_bind import import_state
+        """Load an ``export_state()`` result (any world size) into a bound optimizer."""
+        from ..integrations import deepspeed
 
-        import_state(self, exported)
+        deepspeed.import_state(self, exported)
+
+
+def check_mask(p: torch.Tensor, mask: object) -> None:
+    """A mask for ``p`` is a bool tensor of ``p``'s shape (elements) or ``(p.shape[0],)`` (rows): TypeError /
+    ValueError otherwise, before anything reads its values."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask for param of shape {tuple(p.shape)} must be a bool tensor, got {describe(mask)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask for param of shape {tuple(p.shape)} must have dtype torch.bool, got {describe(mask)}")
+    n_rows = p.shape[0] if p.dim() >= 1 else None
+    if tuple(mask.shape) != tuple(p.shape) and not (mask.dim() == 1 and n_rows is not None and mask.shape[0] == n_rows):
+        raise ValueError(
+            f"mask for param of shape {tuple(p.shape)} must have shape ({n_rows},) (rows) or "
+            f"{tuple(p.shape)} (elements), got {describe(mask)}"
+        )
 
 
 def named_masks(model: torch.nn.Module, masks_by_name: dict[str, torch.Tensor]) -> dict:
@@ -441,13 +477,3 @@ def named_masks(model: torch.nn.Module, masks_by_name: dict[str, torch.Tensor]) 
     if unknown:
         raise ValueError(f"masks name parameters the model does not have: {unknown[:5]}")
     return {params[n]: m for n, m in masks_by_name.items()}
-
-
-def iter_params(params: Iterable) -> list[torch.Tensor]:
-    out = []
-    for item in params:
-        if isinstance(item, dict):
-            out.extend(item["params"])
-        else:
-            out.append(item)
-    return out

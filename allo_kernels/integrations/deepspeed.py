@@ -1,42 +1,64 @@
-"""SparseAdamW under DeepSpeed: map row / element masks onto ZeRO's flat fp32 partitions (deepspeed imported lazily).
+"""DeepSpeed: the only module of allo_kernels that knows DeepSpeed's internals (deepspeed is imported lazily).
 
-Usage::
+What it does (facts verified on deepspeed 0.19.8, see the project's notes on ZeRO):
+
+**SparseAdamW under ZeRO** (:func:`bind`, called by ``SparseAdamW.bind(engine)``). Usage::
 
     groups, masks = zero_param_groups(model.parameters(), masks)      # drops all-false / frozen-only entries
     opt = SparseAdamW(groups, lr=..., masks=masks)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)   # cfg: zero_allow_untested_optimizer
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)   # cfg: sparse_adamw_config(...)
     opt.bind(engine)                                                   # before the first step
 
-What bind does (facts verified on deepspeed 0.19.8, see shared notes):
+  or all of it in one call: ``engine, opt = initialize(model, config=cfg, masks={name: mask}, lr=...)``.
 
 * ZeRO-1/2: the inner optimizer steps ``single_partition_of_fp32_groups[i]``, one 1-D fp32 partition per group. A
   param sits at ``round_robin_bit16_offsets[i]`` of the group's (round-robin reordered) flat buffer; this rank owns
   ``[rank * partition_size[i], (rank + 1) * partition_size[i])``. Row r of an [R, C] weight is ``[r*C, (r+1)*C)``.
+  (Not ``_hp_mapping``: it is built from the list before the round-robin reordering.)
 * ZeRO-3: sub-group i steps ``fp32_partitioned_groups_flat[i]``; ``grad_position[ds_id] = [i, offset, P]``; this rank
   owns param elements ``[rank*P, (rank+1)*P)`` (the last rank carries padding) at ``offset`` of the sub-group.
 * Stage 0: the optimizer steps the model params themselves; nothing to map.
-Each flat partition gets a compact layout: its selected row segments (clipped at partition edges) plus every element
-of unmasked params. Alignment padding belongs to no param and is never touched.
+  Each flat partition gets a compact layout (``SparseAdamW.set_layout``): its selected row segments (clipped at
+  partition edges) plus every element of unmasked params. Alignment padding belongs to no param and is never touched.
 * Grad hooks ``masked_fill`` the grads of unselected rows/elements with 0 (not multiply: inf * 0 is NaN), so
   DeepSpeed's gradient clipping and overflow checks see exactly the masked reference's gradients.
-* Offload: set ``"zero_force_ds_cpu_optimizer": false``; the partitions and grads live on CPU and the native kernel
-  runs.
+* Offload: ``"zero_force_ds_cpu_optimizer": false``; the partitions and grads live on CPU and the native kernel runs.
 * Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` at the same world size round-trip the compact state
-  through ``state_dict``. ``export_state()`` / ``import_state()`` move it by parameter name across world sizes.
+  through ``state_dict``. :func:`export_state` / :func:`import_state` move it by parameter name across world sizes.
   ``elastic_checkpoint`` must stay off (DeepSpeed would slice our compact tensors as if they were flat partitions).
+
+**The ZeRO-3 gather of the fused-linear ops** (:class:`ZeRO3Gather`, the ops' default gather context): a ZeRO-3
+parameter's local tensor is empty (``ds_status`` NOT_AVAILABLE, real shape ``ds_shape``) until ``all_gather()``;
+the lm_head weight is gathered for the forward and again for the backward and partitioned afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .._validate import describe
-from ._layout import make_layout, runs_of
+from ..optim._layout import make_layout, runs_of
+from ..optim.sparse_adamw import SparseAdamW, check_mask
+from .gather import ParamGather
+
+# DeepSpeed config keys SparseAdamW needs: ZeRO must accept a client optimizer, and let it run the offloaded step.
+SPARSE_ADAMW_CONFIG = {"zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
 
 
 # --------------------------------------------------------------------------------------------------- param groups
+def _trainable(p: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``p`` stays in the optimizer; a mask that selects nothing freezes its param (it would never change,
+    and ZeRO then keeps no fp32 master, gradient or state for it)."""
+    if mask is not None and not bool(mask.any()):
+        p.requires_grad_(False)
+    return p.requires_grad
+
+
 def zero_param_groups(params, masks: dict | None = None) -> tuple[list[dict], dict]:
     """Param groups and masks that ZeRO accepts.
 
@@ -64,20 +86,85 @@ def zero_param_groups(params, masks: dict | None = None) -> tuple[list[dict], di
             masks.update({p: m for p, m in zip(plist, gmask) if m is not None})
         elif isinstance(gmask, dict):
             masks.update(gmask)
-        keep = []
-        for p in plist:
-            m = masks.get(p)
-            if m is not None and not bool(m.any()):
-                p.requires_grad_(False)
-                masks.pop(p)
-                continue
-            if p.requires_grad:
-                keep.append(p)
+        keep = [p for p in plist if _trainable(p, masks.get(p))]
         if keep:
             group["params"] = keep
             out.append(group)
     kept = {p for g in out for p in g["params"]}
     return out, {p: m for p, m in masks.items() if p in kept}
+
+
+def select_parameters(
+    model: torch.nn.Module, masks: Mapping[str, torch.Tensor] | None
+) -> tuple[list[torch.nn.Parameter], dict[torch.nn.Parameter, torch.Tensor]]:
+    """The parameters to train and their masks, from masks by parameter name.
+
+    ``masks``: ``{name in model.named_parameters(): bool mask}`` (rows ``[out]`` or elements), or None to train every
+    trainable parameter densely. With masks, only the named parameters train: one without a mask, or whose mask
+    selects nothing, is frozen (``requires_grad_(False)``); an all-True mask trains its parameter densely. A name the
+    model does not have, or a mask of the wrong type or shape, is an error before any mask is read. Masks are moved
+    to their parameter's device. Returns ``(params, {param: mask})`` for ``SparseAdamW(params, masks=...)``.
+    """
+    named = list(model.named_parameters(remove_duplicate=False))
+    if masks is not None:
+        known = {n for n, _ in named}
+        unknown = sorted(set(masks) - known)
+        if unknown:
+            raise ValueError(f"masks name parameters the model does not have: {unknown[:5]}")
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in named:  # tied weights: one parameter, several names
+        names_of.setdefault(id(p), []).append(name)
+        params.setdefault(id(p), p)
+    chosen, param_masks = [], {}
+    for key, p in params.items():
+        if not p.requires_grad:
+            continue
+        mask = None
+        if masks is not None:
+            mask = next((masks[n] for n in names_of[key] if n in masks), None)
+            if mask is None:
+                p.requires_grad_(False)
+                continue
+            check_mask(p, mask)
+            mask = mask.to(p.device)
+        if not _trainable(p, mask):
+            continue
+        chosen.append(p)
+        if mask is not None and not bool(mask.all()):
+            param_masks[p] = mask
+    return chosen, param_masks
+
+
+def sparse_adamw_config(config: dict) -> dict:
+    """A copy of a DeepSpeed config with the keys SparseAdamW needs (``SPARSE_ADAMW_CONFIG``)."""
+    return {**config, **SPARSE_ADAMW_CONFIG}
+
+
+def initialize(
+    model: torch.nn.Module,
+    *,
+    config: dict,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    lr_scheduler: Callable | None = None,
+    **adamw: object,
+) -> tuple[object, SparseAdamW]:
+    """``deepspeed.initialize`` with SparseAdamW over the parameters ``masks`` select, bound to the engine.
+
+    ``masks`` as in :func:`select_parameters` (None: every trainable parameter, densely); ``adamw``: SparseAdamW's
+    options (``lr``, ``weight_decay``, ``betas``, ...); ``lr_scheduler``: what ``deepspeed.initialize`` accepts (e.g.
+    ``lambda opt: LambdaLR(opt, fn)``). The config gets ``SPARSE_ADAMW_CONFIG``. Returns ``(engine, optimizer)``."""
+    import deepspeed
+
+    params, param_masks = select_parameters(model, masks)
+    if not params:
+        raise ValueError("the masks select no parameter at all: nothing to train")
+    optimizer = SparseAdamW(params, masks=param_masks or None, **adamw)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=sparse_adamw_config(config), lr_scheduler=lr_scheduler
+    )
+    bind(optimizer, engine)
+    return engine, optimizer
 
 
 # ---------------------------------------------------------------------------------------------------------- bind
@@ -90,12 +177,25 @@ class Piece:
 
 @dataclass
 class Binding:
+    """How a bound SparseAdamW's stepped tensors map onto the model's parameters (see :func:`bind`)."""
+
     stage: int
     flat_params: list = field(default_factory=list)  # the tensors the inner optimizer steps
     pieces: dict = field(default_factory=dict)  # flat param -> [Piece per layout segment]
     hooks: list = field(default_factory=list)
     shapes: dict = field(default_factory=dict)  # name -> full shape
     dp_group: object = None
+
+
+_bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its Binding
+
+
+def binding_of(opt: SparseAdamW) -> Binding:
+    """The binding :func:`bind` made for ``opt``; RuntimeError when it was never bound."""
+    binding = _bindings.get(opt)
+    if binding is None:
+        raise RuntimeError("SparseAdamW.export_state/import_state needs bind(engine) first")
+    return binding
 
 
 def _segments(mask: torch.Tensor | None, shape: tuple, numel: int, lo: int, hi: int):
@@ -128,8 +228,8 @@ def _segments(mask: torch.Tensor | None, shape: tuple, numel: int, lo: int, hi: 
     return a, b - a, values
 
 
-def _build(opt, flat: torch.Tensor, entries: list, binding: Binding) -> None:
-    """entries: (name, param, mask, lo, hi, flat_base): param elements [lo, hi) sit at flat_base + x."""
+def _build(opt: SparseAdamW, flat: torch.Tensor, entries: list, binding: Binding) -> None:
+    """entries: (name, param, mask, shape, numel, lo, hi, flat_base): param elements [lo, hi) sit at flat_base + x."""
     seg_p, seg_l, emask, pieces, any_elem = [], [], [], [], False
     for name, _p, mask, shape, numel, lo, hi, base in entries:
         a, ln, vals = _segments(mask, shape, numel, lo, hi)
@@ -145,10 +245,7 @@ def _build(opt, flat: torch.Tensor, entries: list, binding: Binding) -> None:
     seg_len = torch.cat(seg_l) if seg_l else torch.empty(0, dtype=torch.int64)
     elem = torch.cat(emask).to(dev) if any_elem else None
     layout = make_layout(flat.numel(), seg_param.to(dev), seg_len.to(dev), elem_mask=elem)
-    st = opt.state.get(flat, {})
-    if "exp_avg" in st and tuple(st["exp_avg"].shape) != tuple(layout.state_shape):
-        raise RuntimeError("SparseAdamW.bind(engine) must run before the first optimizer step")
-    opt._layouts[flat] = layout
+    opt.set_layout(flat, layout, holds=[piece.name for piece in pieces])
     binding.flat_params.append(flat)
     binding.pieces[flat] = pieces
 
@@ -163,12 +260,18 @@ def _hook(mask: torch.Tensor, shape: tuple):
     return fn
 
 
-def bind_engine(opt, engine) -> Binding:
+def _stepped_tensors(opt: SparseAdamW) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def bind(opt: SparseAdamW, engine) -> Binding:
+    """Map ``opt``'s masks onto the tensors the DeepSpeed ``engine`` steps (call after ``deepspeed.initialize``,
+    before the first step). Returns the binding (also kept for :func:`export_state` / :func:`import_state`)."""
     import deepspeed.comm as dist
 
     stage = int(engine.zero_optimization_stage())
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    masks = dict(opt._masks)
+    masks = dict(opt.masks)
     for p in masks:
         if id(p) not in names:
             raise ValueError(f"a mask belongs to a param that engine.module does not have: {describe(p)}")
@@ -187,14 +290,17 @@ def bind_engine(opt, engine) -> Binding:
                 f"SparseAdamW.bind: stage 0 with the {type(zero).__name__} wrapper (bf16/fp16 without ZeRO) is not "
                 "supported; use ZeRO stage >= 1 for half-precision models"
             )
-        if any(id(p) not in names for p in opt._all_params()):
+        stepped = _stepped_tensors(opt)
+        if any(id(p) not in names for p in stepped):
             raise NotImplementedError("SparseAdamW.bind: stage 0 optimizer steps tensors that are not model params")
-        for p in opt._all_params():  # the model params are the stepped tensors: record pieces for export/import
-            layout = opt._layout(p)
+        for p in stepped:  # the model params are the stepped tensors: record pieces for export/import
+            layout = opt.layout(p)
+            opt.set_layout(p, layout, holds=[names[id(p)]])
             binding.flat_params.append(p)
             binding.pieces[p] = [
                 Piece(names[id(p)], s, n) for s, n in zip(layout.seg_param.tolist(), layout.seg_len.tolist())
             ]
+        _bindings[opt] = binding
         return binding
     if getattr(zero, "optimizer", None) is not opt:
         raise ValueError(
@@ -246,22 +352,21 @@ def bind_engine(opt, engine) -> Binding:
         binding.dp_group = zero.dp_process_group
     else:
         raise NotImplementedError(f"SparseAdamW.bind: ZeRO stage {stage}")
+    _bindings[opt] = binding
     return binding
 
 
 # ------------------------------------------------------------------------------------------- export / import
-def export_state(opt, *, gather: bool = True) -> dict:
+def export_state(opt: SparseAdamW, *, gather: bool = True) -> dict:
     """Compact state by parameter name, independent of the world size.
 
     Returns ``{name: {"shape", "index" (int64 param elements), "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"], "step"}}``
     with every rank's pieces merged when ``gather`` (an all_gather over the data-parallel group)."""
-    binding = opt._binding
-    if binding is None:
-        raise RuntimeError("export_state needs bind(engine) first")
+    binding = binding_of(opt)
     local: dict = {}
     for flat in binding.flat_params:
         st = opt.state.get(flat, {})
-        layout = opt._layouts[flat]
+        layout = opt.layout(flat)
         seg_state = layout.seg_state.cpu().tolist()
         for piece, s0 in zip(binding.pieces[flat], seg_state):
             rec = local.setdefault(piece.name, {"shape": binding.shapes.get(piece.name), "index": [], "step": 0.0})
@@ -298,15 +403,13 @@ def export_state(opt, *, gather: bool = True) -> dict:
     return merged
 
 
-def import_state(opt, exported: dict) -> None:
+def import_state(opt: SparseAdamW, exported: dict) -> None:
     """Load an ``export_state()`` result into a bound optimizer (any world size); elements absent from the export
     (newly selected rows) start from zero moments."""
-    binding = opt._binding
-    if binding is None:
-        raise RuntimeError("import_state needs bind(engine) first")
+    binding = binding_of(opt)
     for flat in binding.flat_params:
-        layout = opt._layouts[flat]
-        group = opt._group_of(flat) if any(flat is q for q in opt._all_params()) else None
+        layout = opt.layout(flat)
+        group = next((g for g in opt.param_groups if any(flat is q for q in g["params"])), None)
         amsgrad = bool(group["amsgrad"]) if group is not None else any("max_exp_avg_sq" in r for r in exported.values())
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         out = {k: torch.zeros(layout.n_compact, dtype=torch.float32) for k in keys}
@@ -327,3 +430,61 @@ def import_state(opt, exported: dict) -> None:
         for k in keys:
             st[k] = out[k].to(flat.device).reshape(layout.state_shape)
         opt.state[flat] = st
+
+
+# ----------------------------------------------------------------------------------------------- ZeRO-3 gather
+def is_zero3_partitioned(p: torch.Tensor | None) -> bool:
+    """Whether ``p`` is a ZeRO-3 parameter whose full value is not present on this rank right now."""
+    status = getattr(p, "ds_status", None)
+    return status is not None and getattr(status, "name", str(status)) == "NOT_AVAILABLE"
+
+
+class ZeRO3Gather(ParamGather):
+    """The gather context for DeepSpeed ZeRO-3 partitions (through the ``all_gather`` / ``partition`` methods
+    DeepSpeed attaches to its parameters); any other tensor is used as it is."""
+
+    def full_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape)) if is_zero3_partitioned(p) else tuple(p.shape)
+
+    @contextlib.contextmanager
+    def gathered(self, *params: torch.Tensor | None) -> Iterator[None]:
+        todo = [p for p in params if is_zero3_partitioned(p)]
+        for p in todo:
+            p.all_gather()
+        try:
+            yield
+        finally:
+            for p in todo:
+                p.partition()
+
+    def gather_for_backward(self, *params: torch.Tensor | None) -> Callable[[], None]:
+        """Gather ZeRO-3 partitions for the backward. A parameter that gets a gradient is released only after
+        autograd accumulated it: autograd checks the gradient against the full shape, and DeepSpeed's reduce hook
+        (registered at initialize, so it runs first) reads it there; our own post-hook on the same AccumulateGrad
+        node then partitions the parameter again. Frozen ones are released by the returned call."""
+        release_now = []
+        for p in params:
+            if not is_zero3_partitioned(p):
+                continue
+            p.all_gather()
+            if not p.requires_grad:
+                release_now.append(p)
+                continue
+            if getattr(p, "_allo_grad_acc", None) is None:
+                with torch.enable_grad():  # backward runs with grad mode off; the node lookup needs a graph
+                    acc = p.expand_as(p).grad_fn.next_functions[0][0]
+
+                def release(*_unused, p=p):
+                    if getattr(p, "_allo_release_pending", False):
+                        p._allo_release_pending = False
+                        p.partition()
+
+                acc.register_hook(release)
+                p._allo_grad_acc = acc  # keep the node (and its hook) alive, as DeepSpeed does for its own hooks
+            p._allo_release_pending = True
+
+        def release_frozen() -> None:
+            for p in release_now:
+                p.partition()
+
+        return release_frozen
