@@ -3,6 +3,7 @@ surface SparseAdamW gives adapters, and the gather contexts. (Engines: test_zero
 
 import pytest
 import torch
+from torch.optim import AdamW
 
 from allo_kernels import SparseAdamW
 from allo_kernels.integrations import DEFAULT_GATHER, ParamGather, ZeRO3Gather
@@ -158,3 +159,12 @@ def test_only_the_adapter_knows_deepspeed():
         ]
     assert found == []
     assert internals.search(Path(ak_deepspeed.__file__).read_text(encoding="utf-8"))
+
+
+def test_stock_optimizer_takes_no_masks_and_needs_something_trainable():
+    m = model()
+    with pytest.raises(ValueError, match=r"masks are SparseAdamW's; with optimizer='AdamW' select the parameters"):
+        ak_deepspeed.initialize(m, config={}, masks={"0.weight": torch.ones(6, dtype=torch.bool)}, optimizer=AdamW)
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match="the model has no parameter with requires_grad=True"):
+        ak_deepspeed.initialize(m, config={}, optimizer=AdamW)

@@ -10,6 +10,8 @@ What it does (facts verified on deepspeed 0.19.8, see the project's notes on ZeR
     opt.bind(engine)                                                   # before the first step
 
   or all of it in one call: ``engine, opt = initialize(model, config=cfg, masks={name: mask}, lr=...)``.
+  With a stock optimizer over row deltas (or any parameters with requires_grad) nothing needs binding:
+  ``initialize(model, config=cfg, optimizer=torch.optim.AdamW, lr=...)``.
 
 * ZeRO-1/2: the inner optimizer steps ``single_partition_of_fp32_groups[i]``, one 1-D fp32 partition per group. A
   param sits at ``round_robin_bit16_offsets[i]`` of the group's (round-robin reordered) flat buffer; this rank owns
@@ -26,6 +28,10 @@ What it does (facts verified on deepspeed 0.19.8, see the project's notes on ZeR
 * Checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` at the same world size round-trip the compact state
   through ``state_dict``. :func:`export_state` / :func:`import_state` move it by parameter name across world sizes.
   ``elastic_checkpoint`` must stay off (DeepSpeed would slice our compact tensors as if they were flat partitions).
+
+**Full weights and training state** (:func:`full_state_dict`, :func:`training_state_bytes`): the module's state on
+rank 0, ZeRO-3 partitions gathered (``_zero3_consolidated_16bit_state_dict``); the bytes of gradients, fp32 master
+partitions and optimizer state the engine's optimizer steps on this rank.
 
 **The ZeRO-3 gather of the fused-linear ops** (:class:`ZeRO3Gather`, the ops' default gather context): a ZeRO-3
 parameter's local tensor is empty (``ds_status`` NOT_AVAILABLE, real shape ``ds_shape``) until ``all_gather()``;
@@ -146,25 +152,90 @@ def initialize(
     *,
     config: dict,
     masks: Mapping[str, torch.Tensor] | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     lr_scheduler: Callable | None = None,
-    **adamw: object,
-) -> tuple[object, SparseAdamW]:
-    """``deepspeed.initialize`` with SparseAdamW over the parameters ``masks`` select, bound to the engine.
+    **options: object,
+) -> tuple[object, torch.optim.Optimizer]:
+    """``deepspeed.initialize`` with SparseAdamW over the parameters ``masks`` select, bound to the engine; or with a
+    stock optimizer over the trainable parameters.
 
-    ``masks`` as in :func:`select_parameters` (None: every trainable parameter, densely); ``adamw``: SparseAdamW's
-    options (``lr``, ``weight_decay``, ``betas``, ...); ``lr_scheduler``: what ``deepspeed.initialize`` accepts (e.g.
-    ``lambda opt: LambdaLR(opt, fn)``). The config gets ``SPARSE_ADAMW_CONFIG``. Returns ``(engine, optimizer)``."""
+    ``masks`` as in :func:`select_parameters` (None: every trainable parameter, densely). ``optimizer``: None for
+    SparseAdamW, or an optimizer class (``torch.optim.AdamW``, ``deepspeed.ops.adam.DeepSpeedCPUAdam``, ...) built
+    over the parameters with ``requires_grad`` (e.g. row deltas, see ``allo_kernels.attach_row_deltas``): ZeRO keeps
+    gradients, fp32 master partitions and state for those only, and nothing needs binding (``masks`` must then be
+    None). ``options``: the optimizer's options (``lr``, ``weight_decay``, ``betas``, ...); ``lr_scheduler``: what
+    ``deepspeed.initialize`` accepts (e.g. ``lambda opt: LambdaLR(opt, fn)``). The config gets ``SPARSE_ADAMW_CONFIG``
+    (ZeRO then accepts any client optimizer and lets it run the offloaded step). Returns ``(engine, optimizer)``."""
     import deepspeed
 
-    params, param_masks = select_parameters(model, masks)
-    if not params:
-        raise ValueError("the masks select no parameter at all: nothing to train")
-    optimizer = SparseAdamW(params, masks=param_masks or None, **adamw)
+    if optimizer is None:
+        params, param_masks = select_parameters(model, masks)
+        if not params:
+            raise ValueError("the masks select no parameter at all: nothing to train")
+        opt = SparseAdamW(params, masks=param_masks or None, **options)
+    else:
+        if masks is not None:
+            raise ValueError(
+                f"masks are SparseAdamW's; with optimizer={getattr(optimizer, '__name__', optimizer)!r} select the "
+                "parameters with requires_grad (e.g. allo_kernels.attach_row_deltas) and pass masks=None"
+            )
+        params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+        if not params:
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+        opt = optimizer(params, **options)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=sparse_adamw_config(config), lr_scheduler=lr_scheduler
+        model=model, optimizer=opt, config=sparse_adamw_config(config), lr_scheduler=lr_scheduler
     )
-    bind(optimizer, engine)
-    return engine, optimizer
+    if isinstance(opt, SparseAdamW):
+        bind(opt, engine)
+    return engine, opt
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole ``engine.module.state_dict()`` (frozen parameters, row deltas and buffers included) on rank 0, with
+    ZeRO-3 partitions gathered into full tensors; None on the other ranks. Every rank must call it (ZeRO-3 gathers
+    collectively)."""
+    import deepspeed.comm as dist
+
+    if int(engine.zero_optimization_stage()) == 3:
+        return engine._zero3_consolidated_16bit_state_dict()  # full tensors on rank 0, None elsewhere
+    return engine.module.state_dict() if dist.get_rank() == 0 else None
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer whose step DeepSpeed runs (inside its ZeRO / bf16 wrapper, or the client optimizer)."""
+    wrapper = engine.optimizer
+    inner = getattr(wrapper, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else wrapper
+
+
+def training_state_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds for training, counted from the tensors the engine's optimizer steps (after a step):
+
+    * ``gradients``: each stepped tensor gets a gradient of its own size and dtype for the step (a ZeRO partition's
+      fp32 gradient; without ZeRO the parameter's gradient);
+    * ``master``: the fp32 copies the optimizer steps instead of the model's parameters (ZeRO's flat partitions, a
+      ``state["master"]``); 0 when it steps the parameters themselves;
+    * ``optimizer_state``: every other tensor in the optimizer's state (Adam moments, step counters).
+
+    Wherever they live (accelerator, or CPU under offload). Parameters and activations are not counted."""
+    inner = _inner_optimizer(engine)
+    module_params = {id(p) for p in engine.module.parameters()}
+    if int(engine.zero_optimization_stage()) == 3:  # ZeRO-3 puts its partitions into the param groups only to step
+        stepped = list(engine.optimizer.fp32_partitioned_groups_flat)
+    else:
+        stepped = [p for group in inner.param_groups for p in group["params"]]
+    grads = sum(p.numel() * p.element_size() for p in stepped)
+    master = sum(p.numel() * p.element_size() for p in stepped if id(p) not in module_params)
+    state = 0
+    for per_param in inner.state.values():
+        for key, t in per_param.items():
+            if isinstance(t, torch.Tensor):
+                if key == "master":
+                    master += t.numel() * t.element_size()
+                else:
+                    state += t.numel() * t.element_size()
+    return {"gradients": grads, "master": master, "optimizer_state": state}
 
 
 # ---------------------------------------------------------------------------------------------------------- bind
