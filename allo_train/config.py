@@ -16,7 +16,9 @@ stage's ``section`` dataclass (defined below); ``cfg.improve`` (or ``cfg.section
 A section field left at ``None`` whose name is also a top-level field (the training fields of
 :class:`StageTrainingArgs`, ``beta``, ``loss_type``, ...) takes the top-level value when the config is loaded, so
 after :func:`load_config` every stage field holds a concrete value. A stage that trains only the located neurons
-(``needs_masks`` in its table entry) takes ``locate.ratio`` when its ``ratio`` is ``None``.
+(``needs_masks`` in its table entry) takes ``locate.ratio`` when its ``ratio`` is ``None``; its ``sparsity`` left at
+``None`` is decided by the stage from its masks (``sparsity.py``: ``delta`` for row and layer masks, ``masked`` for
+element masks), and ``delta`` set with ``locate.granularity: element`` is an error.
 
 Choices that another module owns are imported from it, never repeated here: the preference loss types
 (``allo_kernels.objectives``), the token-drop options (``allo_kernels.ops.token_scores``), the LR schedules
@@ -49,6 +51,7 @@ from .data import TOKEN_WEIGHT_SOURCES
 from .engine import LR_SCHEDULERS
 from .errors import AlloTrainError
 from .locate import DEFAULT_EXCLUDE, GRANULARITIES, IMPORTANCES, SCOPES
+from .sparsity import SPARSITY_MODES
 
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
@@ -149,6 +152,9 @@ class ForgetStageConfig(StageTrainingArgs):
     """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
 
     ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
+    # "delta": compact row deltas, the rest frozen (weight decay then pulls toward the starting weights; ALLO uses
+    # 0); "masked": SparseAdamW; None: delta for row / layer masks, masked for element masks (see sparsity.py)
+    sparsity: str | None = field(default=None, metadata=_choices(SPARSITY_MODES))
     token_weight_source: str = field(default="token_weights", metadata=_choices(TOKEN_WEIGHT_SOURCES))
     scoring_model: str | None = None  # required when token_weight_source == "scoring_model"
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
@@ -167,6 +173,9 @@ class ImproveStageConfig(StageTrainingArgs):
     """ALLO improving: DPO on the located neurons; a fraction of each rejected response's tokens is dropped from it."""
 
     ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
+    # "delta": compact row deltas, the rest frozen (weight decay then pulls toward the starting weights; ALLO uses
+    # 0); "masked": SparseAdamW; None: delta for row / layer masks, masked for element masks (see sparsity.py)
+    sparsity: str | None = field(default=None, metadata=_choices(SPARSITY_MODES))
     mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))  # share of tokens dropped
     mask_by: str = field(default="highest", metadata=_choices(MASK_BY))  # drop the highest- or lowest-reward ones
     mask_scope: str = field(default="sequence", metadata=_choices(MASK_SCOPES))
@@ -368,7 +377,7 @@ def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     top-level ``seed``, ``bf16``, ``tokenizer_name_or_path`` and ``deepspeed.zero_optimization``. Not included:
     logging/saving/evaluation cadence, ``output_dir``, ``report_to``, ``save_total_limit``,
     ``gradient_checkpointing`` (same math), ``trust_remote_code``. The caller adds what it resolves itself (the
-    starting model, the masks' digest)."""
+    starting model, the masks' digest, and ``<stage>.sparsity`` as the stage decided it when the key is unset)."""
     section = cfg.section(stage)
     out = {f"{stage}.{k}": v for k, v in dataclasses.asdict(section).items() if k not in SCHEDULE_ONLY_KEYS}
     ds = resolve_deepspeed_config(cfg) or {}
@@ -569,6 +578,12 @@ def _resolve_and_check(cfg: TrainConfig) -> None:
                 setattr(section, f.name, getattr(cfg, f.name))
         if table[stage].needs_masks and section.ratio is None:
             section.ratio = cfg.locate.ratio
+        if getattr(section, "sparsity", None) == "delta" and cfg.locate.granularity == "element":
+            raise ValueError(
+                f"config key '{stage}.sparsity' is 'delta' but locate.granularity is 'element': element masks cannot "
+                f"be made compact (row deltas train whole rows); set {stage}.sparsity: masked, or locate.granularity: "
+                "row or layer"
+            )
 
     for i, stage in enumerate(cfg.pipeline.stages):
         if stage not in table:

@@ -1,5 +1,6 @@
 """Everything allo_train does with DeepSpeed: the process group, the engine's config, the engine with SparseAdamW
-bound to it, the LR schedule, the final full weights and loading a checkpoint into the engine.
+bound to it (or a stock AdamW over row deltas), the LR schedule, the final full weights, the bytes of training state
+and loading a checkpoint into the engine.
 
 Launch with the ``deepspeed`` launcher or ``torchrun`` (they set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT); a
 plain ``allo-train`` call runs as a single rank on 127.0.0.1. Without CUDA the gloo backend and DeepSpeed's CPU
@@ -71,7 +72,8 @@ def deepspeed_config(
     for key in _DS_OWNED_KEYS:
         if key in ds:
             raise ValueError(
-                f"deepspeed.{key} is not supported: allo_train uses SparseAdamW and its own LR schedule "
+                f"deepspeed.{key} is not supported: allo_train builds its own optimizer (SparseAdamW; torch AdamW "
+                "for row deltas) and LR schedule "
                 "(set learning_rate / lr_scheduler_type / weight_decay in the allo config instead)"
             )
     ds.setdefault("zero_optimization", {"stage": 0})
@@ -120,9 +122,11 @@ def initialize(
     lr_scheduler_type: str,
     total_steps: int,
     warmup_steps: int,
+    stock_optimizer: bool = False,
 ):
     """deepspeed.initialize with SparseAdamW over the trainable parameters, bound to the engine (through
-    ``allo_kernels.integrations.deepspeed.initialize``).
+    ``allo_kernels.integrations.deepspeed.initialize``), or with ``stock_optimizer`` a torch AdamW over the
+    parameters that have ``requires_grad`` (delta mode: the row deltas; ``masks`` must be None).
 
     masks: {parameter name: bool mask} (names as in ``module.named_parameters()``), or None to train every parameter
     densely. With masks, a parameter whose mask selects nothing, or that has no mask at all, is frozen
@@ -140,27 +144,42 @@ def initialize(
                 check_mask_shape(name, mask, tuple(trainable[name].shape))
         if not any(bool(mask.any()) for name, mask in masks.items() if name in trainable):
             raise ValueError("the masks select no parameter at all: nothing to train (check locate.ratio / exclude)")
+    optimizer, options = None, {}
+    if stock_optimizer:
+        optimizer = torch.optim.AdamW
+        # torch's fused AdamW (one kernel over each tensor) runs on CUDA and CPU tensors; ZeRO steps its flat fp32
+        # partitions on the parameters' device type, or on the CPU under offload.
+        options["fused"] = all(p.device.type in ("cuda", "cpu") for p in module.parameters() if p.requires_grad)
     schedule = lr_lambda(lr_scheduler_type, total_steps=total_steps, warmup_steps=warmup_steps)
     engine, _ = ak_deepspeed.initialize(
         module,
         config=ds_config,
         masks=masks,
+        optimizer=optimizer,
         lr=learning_rate,
         weight_decay=weight_decay,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        **options,
     )
     return engine
 
 
 def full_state_dict(engine) -> dict | None:
-    """Full weights of the wrapped causal LM on rank 0 (ZeRO-3 partitions are gathered); None on other ranks."""
-    if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    """Full weights of the wrapped causal LM on rank 0 (ZeRO-3 partitions are gathered; row deltas and their indices
+    included while attached); None on other ranks."""
+    from allo_kernels.integrations import deepspeed as ak_deepspeed
+
+    sd = ak_deepspeed.full_state_dict(engine)
     if sd is None:
         return None
     return {k[len("lm.") :]: v.detach().cpu() for k, v in sd.items() if k.startswith("lm.")}
+
+
+def training_state_bytes(engine) -> dict[str, int]:
+    """This rank's bytes of gradients, fp32 master copies and optimizer state (see the adapter's function)."""
+    from allo_kernels.integrations import deepspeed as ak_deepspeed
+
+    return ak_deepspeed.training_state_bytes(engine)
 
 
 def load_engine_checkpoint(engine, ckpt) -> None:

@@ -105,15 +105,19 @@ def save_pretrained_atomic(
     state_dict: dict | None = None,
     extra_files: dict[str, Path] | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    before_save: Callable[[Path], None] | None = None,
 ) -> Path:
     """save_pretrained into a temp dir beside ``out_dir``, then swap it in (:func:`files.swap_in_dir`): at every
     moment ``out_dir`` is either absent or a complete model, the old one or the new one. ``extra_files`` are copied
-    in ({name: source}); ``write_extra(tmp_dir)`` writes more files. Directory and files get the modes the umask
-    gives (``files.apply_umask``)."""
+    in ({name: source}); ``write_extra(tmp_dir)`` writes more files after the model, ``before_save(tmp_dir)`` before
+    it (e.g. row deltas saved, then merged into the model). Directory and files get the modes the umask gives
+    (``files.apply_umask``)."""
     out_dir = Path(out_dir)
     tmp = new_temp_dir(out_dir.parent, out_dir.name)
     try:
         with naming_write_errors(tmp, "saving the model into"):
+            if before_save is not None:
+                before_save(tmp)
             model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))

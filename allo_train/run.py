@@ -93,13 +93,14 @@ def clear_stage_done(run: Run, stage: str) -> None:
     run.barrier()
 
 
-def mark_stage_done(cfg: TrainConfig, stage: str, output: Path) -> None:
+def mark_stage_done(cfg: TrainConfig, stage: str, output: Path, *, info: dict | None = None) -> None:
     """Written (atomically) after the stage's output is complete and in place; the output is named relative to the
-    stage directory, so an output directory can be moved."""
+    stage directory, so an output directory can be moved. ``info``: more JSON fields (a training stage: its
+    ``trainable_state_bytes`` and, with masks, its ``sparsity``)."""
     done = cfg.stage_dir(stage) / STAGE_DONE_FILE
     tmp = done.with_name(f".{done.name}.tmp-{os.getpid()}")
     relative = os.path.relpath(output, done.parent)
-    write_durable(tmp, json.dumps({"stage": stage, "output": relative}).encode())
+    write_durable(tmp, json.dumps({"stage": stage, "output": relative, **(info or {})}).encode())
     os.replace(tmp, done)
 
 

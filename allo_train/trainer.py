@@ -1,16 +1,19 @@
 """The training loop: one stage of the table (stages.py) trained with DeepSpeed, and the pipeline of stages.
 
-Every training stage reads its starting model, trains it with DeepSpeed (SparseAdamW over the selected neurons, bound
-to the engine; losses on hidden states through the fused-linear kernels; reference log-probs from the on-disk cache),
-checkpoints atomically every ``save_steps`` and writes ``<output_dir>/<stage>/model`` (weights, tokenizer, the masks
-it trained) at the end; then, and only then, ``<output_dir>/<stage>/stage_done.json`` marks the stage finished (a
-resumed pipeline skips it). :func:`train_stage` is five named steps:
+Every training stage reads its starting model, trains it with DeepSpeed (the selected neurons as row deltas with a
+stock AdamW, or SparseAdamW bound to the engine: the stage's ``sparsity``, see sparsity.py; losses on hidden states
+through the fused-linear kernels; reference log-probs from the on-disk cache), checkpoints atomically every
+``save_steps`` and writes ``<output_dir>/<stage>/model`` (weights, tokenizer, the masks it trained, the row deltas)
+at the end; then, and only then, ``<output_dir>/<stage>/stage_done.json`` marks the stage finished (a resumed
+pipeline skips it). :func:`train_stage` is five named steps:
 
-    prepare_stage       tokenizer, data (train / held-out), starting model, masks, settings, the checkpoint to resume
-    build_engine        the DeepSpeed engine with SparseAdamW over the trainable (selected) parameters, LR schedule
+    prepare_stage       tokenizer, data (train / held-out), starting model, masks and sparsity (row deltas attached),
+                        settings, the checkpoint to resume
+    build_engine        the DeepSpeed engine with the optimizer over the trainable parameters, LR schedule
     reference_logprobs  per-token log-probs of the starting policy, computed once and cached (needs_reference)
     train_loop          batch -> policy outputs -> the stage's loss -> backward -> step; logs, evaluation, checkpoints
-    finish_stage        final weights saved atomically with the tokenizer and masks, curves plotted, stage marked done
+    finish_stage        final weights (deltas merged) saved atomically with the tokenizer, masks and deltas, curves
+                        plotted, stage marked done with its sparsity and training-state bytes
 
 On ``--resume`` a stage picks the newest checkpoint that verifies against its manifest and whose training settings
 match the config (see :func:`resume_checkpoint`).
@@ -40,13 +43,14 @@ from .config import (
     settings_differences,
     training_settings,
 )
-from .engine import deepspeed_config, full_state_dict, initialize, load_engine_checkpoint
+from .engine import deepspeed_config, full_state_dict, initialize, load_engine_checkpoint, training_state_bytes
 from .files import write_durable
 from .locate import check_masks_match_model, masks_digest, save_masks
 from .metrics import MetricsLogger, plot_loss_curves
 from .model import PolicyHiddenStates, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from .refcache import cache_key, compute_or_load
 from .run import Run, clear_stage_done, mark_stage_done, output_dir_lock, rank0_decides, stage_done, start_run
+from .sparsity import DELTAS_FILE, DeltaPlan, apply_delta_mode, attached_copy, plan_deltas
 from .stages import STAGES, PolicyOutputs, StageSpec, model_dir, stage_masks, start_model_dir
 
 CRASH_ENV = "ALLO_TRAIN_CRASH_AFTER"  # test hook "<stage>:<step>": hard-exit after that optimizer step (a kill)
@@ -66,6 +70,8 @@ class StagePlan:
     lm: torch.nn.Module
     module: PolicyHiddenStates  # what the engine wraps: input ids -> hidden states
     masks: dict[str, torch.Tensor] | None  # {parameter name in lm: mask}; None: every parameter trains
+    sparsity: str | None  # how the masks train: "delta" (deltas: plan, attached to lm) or "masked"; None without masks
+    deltas: DeltaPlan | None
     settings: dict  # training settings stored in (and compared against) checkpoints
     checkpoints: CheckpointManager
     resume_from: Checkpoint | None
@@ -196,13 +202,16 @@ def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
     lm = load_causal_lm(in_dir, dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+    sparsity, deltas = None, None
     if masks is not None:
         check_masks_match_model(masks, lm, source=masks_source)
+        sparsity, deltas = choose_sparsity(run, stage, lm, masks)
 
     settings = training_settings(cfg, stage)
     settings["input_model"] = str(in_dir)
     if masks is not None:
         settings["masks_sha256"] = masks_digest(masks)
+        settings[f"{stage}.sparsity"] = sparsity
     checkpoints = CheckpointManager(cfg.stage_dir(stage) / "checkpoints", save_total_limit=cfg.save_total_limit)
     resume_from = resume_checkpoint(run, stage, checkpoints, settings) if cfg.resume_from_checkpoint else None
 
@@ -223,6 +232,8 @@ def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
         lm=lm,
         module=PolicyHiddenStates(lm),
         masks=masks,
+        sparsity=sparsity,
+        deltas=deltas,
         settings=settings,
         checkpoints=checkpoints,
         resume_from=resume_from,
@@ -231,8 +242,32 @@ def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
     )
 
 
+def choose_sparsity(run: Run, stage: str, lm: torch.nn.Module, masks: dict) -> tuple[str, DeltaPlan | None]:
+    """The stage's ``sparsity`` (sparsity.py) and, in delta mode, the deltas attached to ``lm`` with everything else
+    frozen. Unset: delta when the masks allow it, else masked, said on one line; ``delta`` set for masks that cannot
+    be compact is a ValueError naming the key and the mask."""
+    wanted = getattr(run.cfg.section(stage), "sparsity", None)
+    if wanted == "masked":
+        run.say(f"{stage}: sparsity masked: SparseAdamW over the selected parameters")
+        return "masked", None
+    try:
+        plan = plan_deltas(lm, masks)
+        apply_delta_mode(lm, plan)  # checks every name before it changes anything
+    except ValueError as e:
+        if wanted == "delta":
+            raise ValueError(
+                f"config key '{stage}.sparsity' is 'delta', but {e}; set {stage}.sparsity: masked to train these "
+                "masks with SparseAdamW"
+            ) from None
+        run.say(f"{stage}: sparsity masked (SparseAdamW), the masks cannot be row deltas: {e}")
+        return "masked", None
+    run.say(f"{stage}: sparsity delta: {plan.describe()}")
+    return "delta", plan
+
+
 def build_engine(run: Run, plan: StagePlan):
-    """The DeepSpeed engine over the policy, with SparseAdamW on the parameters the masks select (all without)."""
+    """The DeepSpeed engine over the policy: a stock AdamW over the row deltas (and whole selected parameters) in
+    delta mode, else SparseAdamW on the parameters the masks select (all without masks)."""
     args = plan.args
     ds = deepspeed_config(
         resolve_deepspeed_config(run.cfg),
@@ -246,7 +281,8 @@ def build_engine(run: Run, plan: StagePlan):
         ds_config=ds,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
-        masks=None if plan.masks is None else {f"lm.{k}": v for k, v in plan.masks.items()},
+        masks=None if plan.masks is None or plan.deltas else {f"lm.{k}": v for k, v in plan.masks.items()},
+        stock_optimizer=plan.deltas is not None,
         lr_scheduler_type=args.lr_scheduler_type,
         total_steps=plan.total_steps,
         warmup_steps=int(args.warmup_ratio * plan.total_steps),
@@ -381,15 +417,30 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
 
 def finish_stage(run: Run, plan: StagePlan, engine) -> Path:
     """Save the trained weights (gathered under ZeRO-3) beside the tokenizer and the masks the stage trained, swap
-    them in atomically, plot the curves, then mark the stage done."""
+    them in atomically, plot the curves, then mark the stage done (with its sparsity and rank 0's bytes of training
+    state). Row deltas are merged into the weights (a plain Hugging Face model) and saved alone beside them."""
     sd = full_state_dict(engine)
+    state_bytes = training_state_bytes(engine)
     if run.rank == 0:
         # The masks this stage trained (a stage may re-select its own from the importance), beside the weights.
         write_masks = None if plan.masks is None else lambda d: save_masks(plan.masks, d, stats=None)
-        save_pretrained_atomic(plan.lm, plan.tokenizer, plan.out_dir, state_dict=sd, write_extra=write_masks)
+        model, before_save = plan.lm, None
+        if plan.deltas is not None and plan.deltas.rows:
+            model, sd = attached_copy(plan.lm, sd, plan.deltas.rows), None
+
+            def before_save(d: Path) -> None:
+                ak.save_row_deltas(model, d / DELTAS_FILE)
+                ak.merge_row_deltas(model)
+
+        save_pretrained_atomic(
+            model, plan.tokenizer, plan.out_dir, state_dict=sd, before_save=before_save, write_extra=write_masks
+        )
         stage_dir = run.cfg.stage_dir(plan.stage)
         plot_loss_curves(stage_dir / "metrics.jsonl", stage_dir)
-        mark_stage_done(run.cfg, plan.stage, plan.out_dir)
+        info = {"trainable_state_bytes": state_bytes}
+        if plan.sparsity is not None:
+            info["sparsity"] = plan.sparsity
+        mark_stage_done(run.cfg, plan.stage, plan.out_dir, info=info)
     run.barrier()
     return plan.out_dir
 

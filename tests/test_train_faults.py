@@ -142,7 +142,7 @@ def copy_run(assets: Path, src: Path, dst: Path, **extra) -> Path:
     return forget_config(assets, dst, **extra)
 
 
-def test_resume_without_a_checkpoint_says_so_and_leaves_no_rendezvous_file(straight):
+def test_resume_without_a_checkpoint_says_so_and_leaves_no_rendezvous_file(assets, straight):
     out, r, tmpdir = straight
     notes = [line for line in r.stdout.splitlines() if "no complete checkpoint" in line]
     assert notes == [
@@ -154,7 +154,17 @@ def test_resume_without_a_checkpoint_says_so_and_leaves_no_rendezvous_file(strai
     model = out / "forget" / "model"
     assert model.stat().st_mode & 0o777 == 0o755
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in model.iterdir())
-    assert json.loads((out / "forget" / "stage_done.json").read_text()) == {"stage": "forget", "output": "model"}
+    done = json.loads((out / "forget" / "stage_done.json").read_text())
+    assert (done["stage"], done["output"], done["sparsity"]) == ("forget", "model", "delta")  # row masks, unset
+    # One process, ZeRO stage 0, row deltas: the optimizer steps the fp32 deltas themselves (no master copy), each
+    # has a gradient of its size, and AdamW keeps two fp32 moments per element and a step counter per delta.
+    from allo_train.locate import load_masks
+
+    base = weights(assets / "base")
+    rows = {n: int(m.sum()) for n, m in load_masks(out / "locate").items() if m.any()}
+    n_sel = sum(k * base[n].shape[1] for n, k in rows.items())
+    state = {"gradients": 4 * n_sel, "master": 0, "optimizer_state": 8 * n_sel + 4 * len(rows)}
+    assert done["trainable_state_bytes"] == state
 
 
 def test_flipped_byte_is_named_and_the_newest_good_checkpoint_resumes(assets, straight, crashed, tmp_path):

@@ -1,8 +1,12 @@
 """End-to-end allo_train runs: 2 ranks, gloo on 127.0.0.1, a tiny randomly initialised Llama, CPU.
 
-warmup -> locate -> forget -> improve at ZeRO-2, ZeRO-3 and ZeRO-2 with optimizer offload: parameters outside the
-located neurons stay bit-identical through forget and improve, selected ones change, metrics are written; a run
-killed mid-stage and resumed ends with the same weights as an uninterrupted run.
+warmup -> locate -> forget -> improve at ZeRO-2, ZeRO-3 and ZeRO-2 with optimizer offload, forget and improve in delta
+mode (row masks, ``sparsity`` unset: row deltas, a stock torch AdamW): parameters outside the located neurons stay
+bit-identical through forget and improve after the merge, selected ones change, metrics are written, the saved model
+loads with ``from_pretrained`` and ``deltas.safetensors`` put onto the stage's starting model gives it bit for bit;
+at ZeRO-3 and with offload the improve stage resumed from its mid-run checkpoint ends as the uninterrupted run. A run
+killed mid-stage (ZeRO-2, forget) and resumed ends with the same weights as an uninterrupted run. Masked mode
+(SparseAdamW) runs in the single-rank scoring-model test.
 """
 
 import json
@@ -117,7 +121,7 @@ def expanded(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask if mask.shape == like.shape else mask.view(-1, *([1] * (like.dim() - 1))).expand_as(like)
 
 
-def check_sparse_updates(assets: Path, out: Path) -> None:
+def check_sparse_updates(assets: Path, out: Path, *, stages=("forget", "improve"), sparsity: str = "delta") -> None:
     from allo_train.locate import load_masks
 
     base = weights(assets / "base")
@@ -125,7 +129,7 @@ def check_sparse_updates(assets: Path, out: Path) -> None:
     assert set(masks) == set(base)
     n_selected = sum(int(expanded(m, base[k]).sum()) for k, m in masks.items())
     assert n_selected > 0
-    for stage in ("forget", "improve"):
+    for stage in stages:
         w = weights(out / stage / "model")
         changed_selected = 0
         for name, b in base.items():
@@ -134,9 +138,21 @@ def check_sparse_updates(assets: Path, out: Path) -> None:
             changed_selected += int((w[name][sel] != b[sel]).sum())
         assert changed_selected > n_selected // 2, f"{stage}: only {changed_selected}/{n_selected} selected changed"
         assert (out / stage / "model" / "masks.safetensors").is_file()
+        done = json.loads((out / stage / "stage_done.json").read_text())
+        assert done["sparsity"] == sparsity
+        state = done["trainable_state_bytes"]  # rank 0's: the deltas' gradients, master and Adam state, or more
+        dense = sum(b.numel() for k, b in base.items() if masks[k].any())  # the selected matrices, whole
+        if sparsity == "delta":  # 2 ranks: half the deltas each (ZeRO pads partitions a little), fp32 master too
+            assert 4 * n_selected <= 2 * state["gradients"] < 4 * n_selected + 4096
+            assert state["master"] == state["gradients"]
+            assert 8 * n_selected <= 2 * state["optimizer_state"] < 8 * n_selected + 8192
+        else:  # one rank, stage 0: SparseAdamW steps the selected matrices themselves, with compact Adam state
+            assert state["gradients"] == 4 * dense and state["master"] == 0
+            assert 8 * n_selected <= state["optimizer_state"] < 8 * n_selected + 4096
+        assert (out / stage / "model" / "deltas.safetensors").is_file() == (sparsity == "delta")
     warm = weights(out / "warmup" / "model")
     assert all(not torch.equal(warm[k], base[k]) for k in base if "layers.0.mlp" in k)  # warm-up is dense
-    for stage in ("warmup", "forget", "improve"):
+    for stage in ("warmup", *stages):
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in rows if "loss" in r]
         assert [r["step"] for r in train] == [1, 2, 3, 4]
@@ -148,19 +164,52 @@ def check_sparse_updates(assets: Path, out: Path) -> None:
     assert (out / "locate" / "mask_heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def check_delta_outputs(assets: Path, out: Path) -> None:
+    """The saved models load as plain Hugging Face models; each stage's deltas.safetensors put onto the model it
+    started from (forget: base; improve: forget's) and merged gives the saved weights bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    import allo_kernels as ak
+
+    for stage, start in (("forget", assets / "base"), ("improve", out / "forget" / "model")):
+        saved = weights(out / stage / "model")
+        loaded = AutoModelForCausalLM.from_pretrained(out / stage / "model")
+        assert loaded.state_dict().keys() == saved.keys()  # no delta left in the model
+        assert all(torch.equal(t, saved[k]) for k, t in loaded.state_dict().items())
+        rebuilt = AutoModelForCausalLM.from_pretrained(start)
+        attached = ak.load_row_deltas(rebuilt, out / stage / "model" / "deltas.safetensors")
+        assert attached and ak.merge_row_deltas(rebuilt) == list(attached)
+        assert all(torch.equal(t, saved[k]) for k, t in rebuilt.state_dict().items()), stage
+
+
 @pytest.mark.parametrize(
-    "name,zero",
+    "name,zero,resume",
     [
-        ("zero2", {"stage": 2}),
-        ("zero3", {"stage": 3}),
-        ("zero2_offload", {"stage": 2, "offload_optimizer": {"device": "cpu"}}),
+        ("zero2", {"stage": 2}, False),  # killed and resumed: test_killed_and_resumed_run_matches_uninterrupted
+        ("zero3", {"stage": 3}, True),
+        ("zero2_offload", {"stage": 2, "offload_optimizer": {"device": "cpu"}}, True),
     ],
 )
-def test_pipeline_two_ranks(assets, tmp_path, name, zero):
+def test_pipeline_two_ranks(assets, tmp_path, name, zero, resume):
     out = tmp_path / name
     codes, logs = launch(write_config(assets, out, zero))
     assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    assert "[allo-train] forget: sparsity delta: row deltas on" in logs[0]
     check_sparse_updates(assets, out)
+    check_delta_outputs(assets, out)
+    if not resume:
+        return
+    # improve again from its checkpoint at step 2 (of 4), as a run killed after it would: the deltas, their Adam
+    # state and the data order come back from the checkpoint, and the end is the uninterrupted run's, bit for bit.
+    uninterrupted = shutil.move(out / "improve" / "model", tmp_path / "improve_uninterrupted")
+    (out / "improve" / "stage_done.json").unlink()
+    codes, logs = launch(write_config(assets, out, zero), "--resume")
+    assert codes == [0, 0], logs[0][-4000:] + logs[1][-4000:]
+    assert "forget: already finished" in logs[0] and "improve: resumed from" in logs[0], logs[0][-4000:]
+    assert "checkpoint-2 at step 2" in logs[0]
+    for f in ("model.safetensors", "deltas.safetensors"):
+        a, b = load_file(str(Path(uninterrupted) / f)), load_file(str(out / "improve" / "model" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
 RESUME_STAGES = {"pipeline": {"stages": ["warmup", "locate", "forget"]}, "save_steps": 1}
@@ -272,10 +321,17 @@ def test_forget_with_scoring_model_weights_single_rank(assets, tmp_path):
         out,
         {"stage": 0},
         pipeline={"stages": ["warmup", "locate", "forget"]},
-        forget={"data_path": str(plain), "token_weight_source": "scoring_model", "scoring_model": str(assets / "base")},
+        forget={
+            "data_path": str(plain),
+            "token_weight_source": "scoring_model",
+            "scoring_model": str(assets / "base"),
+            "sparsity": "masked",
+        },
     )
     codes, logs = launch(cfg, world_size=1)
     assert codes == [0], logs[0][-4000:]
+    assert "[allo-train] forget: sparsity masked: SparseAdamW over the selected parameters" in logs[0]
+    check_sparse_updates(assets, out, stages=("forget",), sparsity="masked")
     rows = [json.loads(line) for line in (out / "forget" / "metrics.jsonl").read_text().splitlines()]
     weights_mean = [r["weights/mean"] for r in rows if "weights/mean" in r]
     # A random scoring model spreads probability over ~100 characters: weights 1 - p are close to, but below, 1.
