@@ -1,7 +1,10 @@
 """Row deltas vs SparseAdamW's masked path vs dense AdamW: one training step, bytes of training state, ZeRO per rank.
 
-    python benchmarks/bench_row_delta.py --json benchmarks/results/cpu-row_delta.json           # every section
+    python benchmarks/bench_row_delta.py                    # every section -> .bench-results/cpu-row_delta.json
+    python benchmarks/bench_row_delta.py --save             # ... -> the committed benchmarks/results/cpu-row_delta.json
     python benchmarks/bench_row_delta.py --sections layer,step --dtypes float32                  # a part
+
+What ran replaces its entries (section, or section and dtype) in the JSON it writes; the rest of that file stays.
 
 Sections (all timings are paired rounds: every case alive at once, one run each per round, the order reversed every
 other round, so a shared machine's background load hits every case alike; ratios are per round, then the median):
@@ -59,6 +62,7 @@ import allo_kernels as ak
 from allo_kernels.ops.row_delta import row_delta_linear
 from allo_kernels.optim import _native
 from benchmarks.bench_sparse_adamw import cpu_model, paired_speedup
+from benchmarks.render import results_dir
 
 MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, vocab_size=8192)
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +71,7 @@ LR = 1e-5
 LAYER_SHAPES = ((1024, 1024), (1024, 2816), (2816, 1024))  # (in, out): attention, gate/up, down
 # Llama-2-7B: 32 layers, hidden 4096, intermediate 11008, vocab 32000 (untied): the derived table's model.
 LLAMA7B = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000)
+RESULTS_JSON = "cpu-row_delta.json"
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
@@ -550,7 +555,11 @@ def library_versions() -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", type=Path, help="write the results here")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument(
+        "--json", type=Path, help=f"write the results here (default: {RESULTS_JSON} in the scratch results folder)"
+    )
+    where.add_argument("--save", action="store_true", help=f"write the committed benchmarks/results/{RESULTS_JSON}")
     ap.add_argument("--sections", default="layer,step,zero")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"])
@@ -570,6 +579,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time measures work)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.peak_child or args.zero_worker:
+        out = None  # a child of the run: it prints or writes its own part
+    else:
+        try:
+            out = args.json or results_dir(save=args.save) / RESULTS_JSON
+        except ValueError as exc:
+            ap.error(str(exc))
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     if args.peak_child:
         print(json.dumps(peak_child(args.peak_child, dtypes[0], args.layers, args.tokens)))
@@ -598,15 +614,15 @@ def main(argv=None) -> None:
     if "zero" in sections:
         report["zero"] = bench_zero(args)
         print(json.dumps(report["zero"]["derived_7b"], indent=1))
-    if args.json:
-        if args.json.exists():  # what ran now replaces its entries (section, or section and dtype); the rest stays
-            old = json.loads(args.json.read_text())
-            for key in ("layer", "step"):
-                if key in old and key in report:
-                    report[key] = {**old[key], **report[key]}
-            report = {**old, **report}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if out.exists():  # what ran now replaces its entries (section, or section and dtype); the rest stays
+        old = json.loads(out.read_text())
+        for key in ("layer", "step"):
+            if key in old and key in report:
+                report[key] = {**old[key], **report[key]}
+        report = {**old, **report}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}" + ("" if args.save or args.json else " (scratch; --save updates benchmarks/results/)"))
 
 
 if __name__ == "__main__":

@@ -184,3 +184,21 @@ def test_standalone_sparse_adamw_table_goes_to_scratch_unless_saved(tmp_path, mo
     monkeypatch.delenv("ALLO_BENCH_RESULTS_DIR")
     bsa.main([*args, "--save"])
     assert (tmp_path / "committed" / bsa.STANDALONE_JSON).is_file()
+
+
+def test_standalone_row_delta_results_go_to_scratch_unless_saved(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_row_delta as brd
+    from benchmarks import render
+
+    args = ["--sections", "layer", "--dtypes", "float32", "--layer-tokens", "4", "--layer-rounds", "2"]
+    monkeypatch.setattr(render, "COMMITTED_RESULTS_DIR", tmp_path / "committed")
+    monkeypatch.setenv("ALLO_BENCH_RESULTS_DIR", str(tmp_path / "scratch"))
+    brd.main(args)
+    written = json.loads((tmp_path / "scratch" / brd.RESULTS_JSON).read_text())
+    assert set(written["layer"]) == {"float32"} and "step" not in written
+    assert f"wrote {tmp_path / 'scratch' / brd.RESULTS_JSON} (scratch;" in capsys.readouterr().out
+    assert not (tmp_path / "committed").exists()
+
+    with pytest.raises(SystemExit) as exc:  # --save and ALLO_BENCH_RESULTS_DIR: refused before any measurement
+        brd.main([*args, "--save"])
+    assert exc.value.code == 2 and "ALLO_BENCH_RESULTS_DIR" in capsys.readouterr().err
