@@ -15,13 +15,16 @@ Everything is made by the program, nothing is downloaded:
    field is the ground truth: a minimal edit of the wrong answer, so only the wrong digits get token weight 1.
 5. **ALLO**: warmup (dense DPO) -> locate (row neurons in the decoder layers) -> forget (token-weighted NPO on the
    located rows) -> improve (DPO with rejected-side token masking on the located rows), through ``run_pipeline``:
-   the same DeepSpeed engine, SparseAdamW and fused kernels as any other run.
+   the same DeepSpeed engine and fused kernels as any other run; forget and improve train the located rows as row
+   deltas (``sparsity: delta``) with a stock AdamW.
 6. **Baselines at the same budget** (optimizer steps after SFT = warmup + forget + improve steps of ALLO):
    full DPO on all parameters from the SFT model (the warmup stage's code run for the whole budget, same learning
    rate and beta), and SFT-only, i.e. SFT continued on its own ground-truth problems for the same number of extra
    steps (a fresh cosine schedule at the SFT learning rate). The SFT model itself is a row of the table too.
 7. **Evaluation**: held-out exact match with greedy decoding for every model; a markdown table printed and saved as
-   ``results.md`` / ``results.json``, plus plots (accuracy per model, loss curves, the located rows' heatmap).
+   ``results.md`` / ``results.json``, plus plots (accuracy per model, loss curves, the located rows' heatmap). The
+   table also gives each training run's trainable state: the bytes of gradients, master copies and optimizer state
+   its engine held, counted from the tensors (``stage_done.json``'s ``trainable_state_bytes``).
 
 Seeds are fixed (``seed`` drives data, initialisation, data order and sampling), so a run repeats itself on the same
 machine and library versions. ``quick=True`` is a much smaller variant for tests.
@@ -277,11 +280,13 @@ def allo_config(out: Path, sft_model: Path, pref: Path, forget: Path, seed: int,
             "forget": {
                 "data_path": str(forget),
                 "token_weight_source": "corrected",
+                "sparsity": "delta",
                 "max_steps": s.forget_steps,
                 "learning_rate": s.allo_lr,
             },
             "improve": {
                 "data_path": str(pref),
+                "sparsity": "delta",
                 "max_steps": s.improve_steps,
                 "learning_rate": s.allo_lr,
                 "mask_fraction": s.mask_fraction,
@@ -309,8 +314,18 @@ def dpo_config(out: Path, sft_model: Path, pref: Path, seed: int, s: DemoSetting
 TABLE_NOTE = (
     "steps after SFT: optimizer steps (one batch each) since the SFT model, the ALLO rows counting the dense warm-up "
     "that only locates the neurons (forget starts again from the SFT model). trained params %: share of the weights "
-    "the stage may change (ALLO: the located rows of the decoder layers; embeddings, norms and lm_head excluded)."
+    "the stage may change (ALLO: the located rows of the decoder layers; embeddings, norms and lm_head excluded). "
+    "trainable state MB: gradients + fp32 master copies + optimizer state of the run's engine, counted from its "
+    "tensors (ALLO's forget and improve train row deltas: only the located rows have any)."
 )
+
+
+def trainable_state_bytes(cfg, stage: str) -> int:
+    """Gradients + master copies + optimizer state the stage's engine held (rank 0), from its ``stage_done.json``."""
+    from .run import STAGE_DONE_FILE
+
+    record = json.loads((cfg.stage_dir(stage) / STAGE_DONE_FILE).read_text(encoding="utf-8"))
+    return sum(record["trainable_state_bytes"].values())
 
 
 def _fmt_row(cells: list[str]) -> str:
@@ -318,7 +333,15 @@ def _fmt_row(cells: list[str]) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    head = ["model", "stage", "held-out exact match %", "trained params %", "steps after SFT", "seed"]
+    head = [
+        "model",
+        "stage",
+        "held-out exact match %",
+        "trained params %",
+        "trainable state MB",
+        "steps after SFT",
+        "seed",
+    ]
     lines = [_fmt_row(head), _fmt_row(["---"] * len(head))]
     for r in rows:
         lines.append(
@@ -328,6 +351,7 @@ def results_table(rows: list[dict]) -> str:
                     r["stage"],
                     f"{r['exact_match']:.1f}",
                     f"{r['trained_params_pct']:.1f}",
+                    f"{r['trainable_state_bytes'] / 1e6:.2f}",
                     str(r["steps_after_sft"]),
                     str(r["seed"]),
                 ]
@@ -526,7 +550,7 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
 
     rows: list[dict] = []
 
-    def add_row(model: str, stage: str, path: Path, trained_pct: float, steps: int) -> None:
+    def add_row(model: str, stage: str, path: Path, trained_pct: float, state_bytes: int, steps: int) -> None:
         em = exact_match(path, tokenizer, problems["held_out"])
         rows.append(
             {
@@ -534,6 +558,7 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
                 "stage": stage,
                 "exact_match": em,
                 "trained_params_pct": trained_pct,
+                "trainable_state_bytes": state_bytes,
                 "steps_after_sft": steps,
                 "seed": seed,
                 "model_dir": str(path),
@@ -541,7 +566,7 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
         )
         _say(f"held-out exact match of {model} ({stage}): {em:.1f}%")
 
-    add_row("base", "random init", base, 0.0, 0)
+    add_row("base", "random init", base, 0.0, 0, 0)
 
     _say(
         f"stage 1/3: SFT on {len(problems['sft'])} problems for {s.sft_steps} steps (data and budget kept small on "
@@ -550,7 +575,7 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
     sft_cfg = sft_config(out / "sft", base, sft_path, s.sft_steps, seed, s)
     run_stage(sft_cfg, "sft")
     sft_model = model_dir(sft_cfg, "sft")
-    add_row("SFT", f"sft ({s.sft_steps} steps)", sft_model, 100.0, 0)
+    add_row("SFT", f"sft ({s.sft_steps} steps)", sft_model, 100.0, trainable_state_bytes(sft_cfg, "sft"), 0)
 
     _say("stage 2/3: the SFT model answers fresh problems; its wrong answers become preference and forgetting data")
     data_stats = build_alignment_data(
@@ -584,17 +609,15 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
     run_stage(sft_more_cfg, "sft")
 
     _say("evaluating every model on the held-out problems (greedy decoding)")
-    add_row("SFT-only", f"sft (+{budget} steps)", model_dir(sft_more_cfg, "sft"), 100.0, budget)
-    add_row("full DPO", f"dpo ({budget} steps)", model_dir(dpo_cfg, "warmup"), 100.0, budget)
-    add_row("ALLO", f"warmup (dense DPO, {s.warmup_steps} steps)", model_dir(allo_cfg, "warmup"), 100.0, s.warmup_steps)
-    add_row(
-        "ALLO",
-        f"forget ({s.forget_steps} steps)",
-        model_dir(allo_cfg, "forget"),
-        located_pct,
-        s.warmup_steps + s.forget_steps,
-    )
-    add_row("ALLO", f"improve ({s.improve_steps} steps)", model_dir(allo_cfg, "improve"), located_pct, budget)
+    for model, stage, cfg, stage_name, pct, steps in (
+        ("SFT-only", f"sft (+{budget} steps)", sft_more_cfg, "sft", 100.0, budget),
+        ("full DPO", f"dpo ({budget} steps)", dpo_cfg, "warmup", 100.0, budget),
+        ("ALLO", f"warmup (dense DPO, {s.warmup_steps} steps)", allo_cfg, "warmup", 100.0, s.warmup_steps),
+        ("ALLO", f"forget ({s.forget_steps} steps)", allo_cfg, "forget", located_pct, s.warmup_steps + s.forget_steps),
+        ("ALLO", f"improve ({s.improve_steps} steps)", allo_cfg, "improve", located_pct, budget),
+    ):
+        state = trainable_state_bytes(cfg, stage_name)
+        add_row(model, stage, model_dir(cfg, stage_name), pct, state, steps)
 
     table = results_table(rows)
     files = {

@@ -40,7 +40,15 @@ def test_files_and_table(demo):
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert re.fullmatch(r"\d+\.\d", cells[2]) and 0.0 <= float(cells[2]) <= 100.0, line
-        assert cells[5] == "0", line  # the seed
+        assert re.fullmatch(r"\d+\.\d\d", cells[4]), line  # trainable state, MB
+        assert cells[6] == "0", line  # the seed
+    # The trainable-state column: each run's stage_done.json (rank 0's gradients + master + optimizer state bytes).
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows if "---" not in line]
+    assert result["rows"][0]["trainable_state_bytes"] == 0 and cells[0][4] == "0.00"  # the random base: no training
+    for r, c in zip(result["rows"][1:], cells[1:], strict=True):
+        done = json.loads((Path(r["model_dir"]).parent / "stage_done.json").read_text())
+        assert r["trainable_state_bytes"] == sum(done["trainable_state_bytes"].values()) > 0, c
+        assert c[4] == f"{r['trainable_state_bytes'] / 1e6:.2f}", c
 
 
 def test_accuracies_are_real(demo):
@@ -94,6 +102,20 @@ def test_located_rows_and_budget(demo):
     for name, m in masks.items():
         keep = ~m if m.shape == sft[name].shape else ~m.view(-1, *([1] * (sft[name].dim() - 1))).expand_as(sft[name])
         assert (final[name][keep] == sft[name][keep]).all(), name
+    # forget and improve trained row deltas (one process, stage 0, fp32): gradients of the deltas' size, no master
+    # copy, two Adam moments per element and a step counter per delta: the dense runs' state times the share trained.
+    trained = {n: int(m.sum()) for n, m in load_masks(out / "allo" / "improve" / "model").items() if m.any()}
+    n_sel = sum(k * sft[n].shape[1] for n, k in trained.items())
+    for stage in ("forget", "improve"):
+        assert rows[("ALLO", stage)]["trainable_state_bytes"] == 12 * n_sel + 4 * len(trained)
+        assert json.loads((out / "allo" / stage / "stage_done.json").read_text())["sparsity"] == "delta"
+    # The dense runs (one process, stage 0, fp32): every parameter has a gradient and two Adam moments, every tensor a
+    # step counter; ALLO's forget and improve hold that for the located rows only.
+    n_params = sum(t.numel() for t in sft.values())
+    for key in (("SFT", "sft"), ("SFT-only", "sft"), ("full DPO", "dpo"), ("ALLO", "warmup")):
+        assert rows[key]["trainable_state_bytes"] == 12 * n_params + 4 * len(sft), key
+    share = allo["trainable_state_bytes"] / rows[("full DPO", "dpo")]["trainable_state_bytes"]
+    assert share == pytest.approx(allo["trained_params_pct"] / 100, rel=0.02)
 
 
 def test_demo_writes_only_its_own_entries(demo):

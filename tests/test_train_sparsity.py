@@ -176,3 +176,60 @@ def test_attached_copy_merges_without_touching_the_model_in_training(tmp_path):
 
 def test_delta_plan_describes_itself():
     assert DeltaPlan(whole=["a", "b"]).describe().startswith("2 whole parameters trained")
+
+
+# ----------------------------------------------------------------------------------------------------- weight decay
+DECAY_RUN = """
+import sys
+import torch
+import allo_kernels as ak
+from allo_train.engine import deepspeed_config, init_distributed, initialize
+
+init_distributed()
+ds = deepspeed_config(None, micro_batch_size=1, gradient_accumulation_steps=1, max_grad_norm=1.0, bf16=False)
+kw = dict(ds_config=ds, learning_rate=0.1, weight_decay=0.5, lr_scheduler_type="constant", total_steps=3)
+rows = torch.tensor([True, False, True, False, False, True, False, False])
+out = {}
+for mode in ("delta", "masked"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    out["base"] = model[0].weight.detach().clone()
+    if mode == "delta":  # as the stage does it: the deltas trainable, everything else frozen
+        model.requires_grad_(False)
+        ak.attach_row_deltas(model, {"0.weight": rows})
+    masks = {"0.weight": rows} if mode == "masked" else None
+    engine = initialize(model, masks=masks, stock_optimizer=mode == "delta", warmup_steps=0, **kw)
+    for _ in range(3):
+        engine.backward(engine(torch.ones(2, 4)).sum() * 0.0)  # zero gradients: only the decay moves a weight
+        engine.step()
+    if mode == "delta":
+        ak.merge_row_deltas(model)
+    out[mode] = model[0].weight.detach().clone()
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_weight_decay_pulls_toward_the_starting_weights_in_delta_mode_and_toward_zero_in_masked_mode(tmp_path):
+    """The engines the stages build (allo_train.engine.initialize), one process, ZeRO stage 0, weight decay 0.5 and
+    zero gradients for 3 steps: AdamW's decoupled decay shrinks the delta, which stays 0 (the selected rows keep the
+    starting weights), while SparseAdamW shrinks the selected rows themselves by (1 - lr * wd) per step."""
+    import subprocess
+    import sys
+
+    from test_train_faults import ROOT, cli_env
+
+    path = tmp_path / "weights.pt"
+    r = subprocess.run(
+        [sys.executable, "-c", DECAY_RUN, str(path)],
+        cwd=ROOT,
+        env=cli_env(tmpdir=tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    w = torch.load(path)
+    rows = torch.tensor([True, False, True, False, False, True, False, False])
+    assert torch.equal(w["delta"], w["base"])
+    assert torch.equal(w["masked"][~rows], w["base"][~rows])
+    torch.testing.assert_close(w["masked"][rows], w["base"][rows] * (1 - 0.1 * 0.5) ** 3, atol=0, rtol=1e-6)
