@@ -1,7 +1,7 @@
 """Worker for tests/test_row_delta_zero.py: one rank of a 2-rank gloo DeepSpeed job training row deltas.
 
 A tiny MLP gets row deltas on two layers and column deltas on the last one (its bias stays trainable, the other
-biases frozen), and a stock ``torch.optim.AdamW`` trains them under ZeRO-2, ZeRO-3 and ZeRO-2 with optimizer offload
+biases frozen), and a stock ``torch.optim.AdamW`` trains them under ZeRO-0, 1, 2, 3 and ZeRO-2 with optimizer offload
 (``CONFIGS``), with gradient clipping. Modes:
 
 * ``crash``: per configuration, 2 steps and ``save_checkpoint`` (tag t2); then every engine keeps training (and
@@ -30,7 +30,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import allo_kernels as ak
 
-CONFIGS = {"2": {"stage": 2}, "3": {"stage": 3}, "2o": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+CONFIGS = {
+    "0": {"stage": 0},
+    "1": {"stage": 1},
+    "2": {"stage": 2},
+    "3": {"stage": 3},
+    "2o": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+}
 CLIP, LR, WD, STEPS, MICRO, CKPT_STEP = 0.05, 1e-2, 0.01, 4, 4, 2
 
 

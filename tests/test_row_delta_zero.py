@@ -1,4 +1,4 @@
-"""Row deltas under DeepSpeed with a stock optimizer: 2 gloo ranks on 127.0.0.1, ZeRO-2, ZeRO-3, ZeRO-2 + offload.
+"""Row deltas under DeepSpeed with a stock optimizer: 2 gloo ranks on 127.0.0.1, ZeRO-0, 1, 2, 3 and ZeRO-2 + offload.
 
 Two jobs (see tests/row_delta_zero_worker.py): the first trains every configuration to a checkpoint and is killed
 for real (SIGKILL, rank 1 first) while it keeps training past it; the second resumes from those checkpoints and
@@ -22,7 +22,7 @@ pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("row_delta_zero_worker.py")
-CONFIGS = ["2", "3", "2o"]
+CONFIGS = ["0", "1", "2", "3", "2o"]
 TIMEOUT_S = 300
 
 

@@ -1,5 +1,6 @@
-"""The stages' ``sparsity`` key (allo_train/sparsity.py), single process, no DeepSpeed: the config key and its errors,
-what delta mode trains for row, layer, element and odd masks, the unset default, and the copy the final save merges.
+"""The stages' ``sparsity`` key (allo_train/sparsity.py), single process: the config key and its errors, what delta
+mode trains for row, layer, element and odd masks, the unset default, the copy the final save merges (no DeepSpeed),
+and weight decay in both modes through the engines the stages build (one DeepSpeed process, in a subprocess).
 The 2-rank runs in delta mode are in test_train_pipeline.py."""
 
 from types import SimpleNamespace
