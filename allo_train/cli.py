@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args, overrides = parser.parse_known_args(argv)
+    if args.command != "config":
+        from .metrics import quiet_library_progress_bars
+
+        quiet_library_progress_bars()
 
     if args.command == "correct-answers":
         missing = [k for k in ("model", "input", "output") if getattr(args, k) is None]

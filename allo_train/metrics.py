@@ -33,6 +33,19 @@ def progress_bars() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
+def quiet_library_progress_bars() -> None:
+    """Without a terminal (:func:`progress_bars`), the Hugging Face libraries' bars ("Loading weights", "Writing model
+    shards") are turned off too, so a log file holds no carriage-return bars. The environment variable is read when
+    transformers is imported (a value the user set stays); an already imported transformers is told directly."""
+    if progress_bars():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 # Metrics a progress line shows when they were logged (TRL names), besides the loss, and how.
 PROGRESS_METRICS = {"rewards/margins": ".4f", "rewards/accuracies": ".2f", "grad_norm": ".3g", "learning_rate": ".2e"}
 

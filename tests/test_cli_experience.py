@@ -258,6 +258,24 @@ def test_progress_lines_come_every_tenth_of_the_stage_and_at_the_end(monkeypatch
     assert metrics.progress_bars() is False
 
 
+def test_without_a_terminal_the_hugging_face_bars_are_off_too(monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(metrics.sys.stdout, "isatty", lambda: False, raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()
+    try:
+        metrics.quiet_library_progress_bars()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for a transformers imported later (the CLI)
+        assert not transformers_logging.is_progress_bar_enabled()  # "Loading weights" bars of one imported already
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's own setting stays
+        metrics.quiet_library_progress_bars()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    finally:
+        (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+
+
 def test_summary_table_has_a_row_per_stage():
     from allo_train.run import Run
     from allo_train.trainer import summary_table
