@@ -8,21 +8,29 @@ Field names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a TRL name 
     pipeline: {stages: [warmup, locate, forget, improve]}
     warmup:  {data_path: pref.jsonl}
     locate:  {importance: delta, granularity: element, ratio: 0.05}
-    forget:  {data_path: forget.jsonl, token_weight_source: corrected, learning_rate: 5.0e-7}
-    improve: {data_path: pref.jsonl, mask_fraction: 0.1}
+    forget:  {data_path: forget.jsonl, token_weight_source: corrected}
+    improve: {data_path: pref.jsonl, mask_fraction: 0.9}
 
 There is one section per entry of the stage table (``stages.STAGES``), named after the stage and holding that
 stage's ``section`` dataclass (defined below); ``cfg.improve`` (or ``cfg.section("improve")``) is the section.
-A section field left at ``None`` whose name is also a top-level field (the training fields of
-:class:`StageTrainingArgs`, ``beta``, ``loss_type``, ...) takes the top-level value when the config is loaded, so
-after :func:`load_config` every stage field holds a concrete value. A stage that trains only the located neurons
-(``needs_masks`` in its table entry) takes ``locate.ratio`` when its ``ratio`` is ``None``; its ``sparsity`` left at
-``None`` is decided by the stage from its masks (``sparsity.py``: ``delta`` for row and layer masks, ``masked`` for
-element masks), and ``delta`` set with ``locate.granularity: element`` is an error.
+A section field whose name is also a top-level field (the training fields of :class:`StageTrainingArgs`, ``beta``,
+``loss_type``, ...) is resolved when the config is loaded: the section's own value when the YAML (or an override)
+sets it, else the top-level value when that is set, else the stage's own default where it has one (ALLO's published
+settings: the warm-up, forgetting and improving learning rates and schedules, Aligner's for ``correct``), else the
+top-level default. A stage that trains only the located neurons (``needs_masks`` in its table entry) takes
+``locate.ratio`` when its ``ratio`` is ``None``; its ``sparsity`` left at ``None`` is decided by the stage from its
+masks (``sparsity.py``: ``delta`` for row and layer masks, ``masked`` for element masks), and ``delta`` set with
+``locate.granularity: element`` is an error. After :func:`load_config` every stage field holds a concrete value.
 
-Choices that another module owns are imported from it, never repeated here: the preference loss types
-(``allo_kernels.objectives``), the token-drop options (``allo_kernels.ops.token_scores``), the LR schedules
-(``engine``), granularities, scopes and the default exclusions (``locate``), the token-weight sources (``data``).
+Choices that another module owns are named here as ``"module:NAME"`` and read from the owner, never repeated: the
+preference loss types (``allo_kernels.objectives``), the token-drop options (``allo_kernels.ops.token_scores``), the
+LR schedules (``engine``), granularities, scopes and the default exclusions (``locate``), the token-weight sources
+(``data``). The owners import torch, this module does not: :func:`load_config` checks every key, type, range and
+cross-field rule first and reads the owners' lists last, so a config error is reported in a fraction of a second
+(``allo-train`` checks the config before it imports torch). Keep it so: import no heavy module at the top here.
+
+Every field carries a one-line ``doc`` in its metadata; ``allo-train config`` prints the whole config with them
+(:func:`render_config`).
 
 Overrides (:func:`parse_overrides`): ``--key value``, ``--key=value`` or ``key=value``; dotted keys reach into
 sections (``improve.mask_fraction=0.2``). Values are parsed as YAML (``true``, ``0.2``, ``[a, b]``, ``null``).
@@ -33,6 +41,7 @@ Unknown keys and bad values raise ``ValueError`` naming the dotted key and the v
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import re
@@ -44,24 +53,59 @@ from typing import Any, Union
 
 import yaml
 
-from allo_kernels.objectives import PREFERENCE_LOSS_TYPES
-from allo_kernels.ops.token_scores import MASK_BY, MASK_SCOPES
-
-from .data import TOKEN_WEIGHT_SOURCES
-from .engine import LR_SCHEDULERS
 from .errors import AlloTrainError
-from .locate import DEFAULT_EXCLUDE, GRANULARITIES, IMPORTANCES, SCOPES
-from .sparsity import SPARSITY_MODES
 
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
+# Where the choice lists live ("module:NAME"); choices_of() reads them when a value is checked.
+_LOSS_TYPES_REF = "allo_kernels.objectives:PREFERENCE_LOSS_TYPES"
+_MASK_BY_REF = "allo_kernels.ops.token_scores:MASK_BY"
+_MASK_SCOPES_REF = "allo_kernels.ops.token_scores:MASK_SCOPES"
+_LR_SCHEDULERS_REF = "allo_train.engine:LR_SCHEDULERS"
+_TOKEN_WEIGHT_SOURCES_REF = "allo_train.data:TOKEN_WEIGHT_SOURCES"
+_IMPORTANCES_REF = "allo_train.locate:IMPORTANCES"
+_GRANULARITIES_REF = "allo_train.locate:GRANULARITIES"
+_SCOPES_REF = "allo_train.locate:SCOPES"
+_DEFAULT_EXCLUDE_REF = "allo_train.locate:DEFAULT_EXCLUDE"
+_SPARSITY_MODES_REF = "allo_train.sparsity:SPARSITY_MODES"
 
-def _choices(values: tuple[str, ...]) -> dict:
-    return {"choices": values}  # the owner's tuple itself
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the default exclusions are locate's (which imports torch); read on first use, for older imports.
+    if name == "DEFAULT_EXCLUDE":
+        return owner_value(_DEFAULT_EXCLUDE_REF)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open, hi_open)}
+def owner_value(ref: str) -> Any:
+    """``"module:NAME"`` -> the object the module owns (imports the module)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _choices(values: tuple[str, ...] | str, doc: str = "") -> dict:
+    return {"choices": values, "doc": doc}  # the owner's tuple itself, or "module:NAME" of it
+
+
+def choices_of(meta: typing.Mapping) -> tuple | None:
+    """The allowed values of a field (its metadata), read from their owner."""
+    values = meta.get("choices")
+    return owner_value(values) if isinstance(values, str) else values
+
+
+def _range(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    doc: str = "",
+) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open), "doc": doc}
+
+
+def _doc(doc: str) -> dict:
+    return {"doc": doc}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -71,9 +115,10 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 @dataclass
 class StageTrainingArgs:
-    """Training fields every training stage has; ``None`` means "take the top-level value"."""
+    """Training fields every training stage has; ``None`` means "take the top-level value" (whose ``doc`` describes
+    the field)."""
 
-    data_path: str | None = None
+    data_path: str | None = field(default=None, metadata=_doc("JSONL file of this stage's examples"))
     learning_rate: float | None = field(default=None, metadata=_range(0, lo_open=True))
     per_device_train_batch_size: int | None = field(default=None, metadata=_range(1))
     per_device_eval_batch_size: int | None = field(default=None, metadata=_range(1))
@@ -81,7 +126,7 @@ class StageTrainingArgs:
     num_train_epochs: float | None = field(default=None, metadata=_range(0, lo_open=True))
     max_steps: int | None = field(default=None, metadata=_range(-1))
     warmup_ratio: float | None = field(default=None, metadata=_range(0, 1))
-    lr_scheduler_type: str | None = field(default=None, metadata=_choices(LR_SCHEDULERS))
+    lr_scheduler_type: str | None = field(default=None, metadata=_choices(_LR_SCHEDULERS_REF))
     weight_decay: float | None = field(default=None, metadata=_range(0))
     max_grad_norm: float | None = field(default=None, metadata=_range(0))
     max_length: int | None = field(default=None, metadata=_range(2))
@@ -96,48 +141,89 @@ class StageTrainingArgs:
         _check_lengths(f"{stage}.", self)
 
 
+def _stage_default(name: str, value: Any, source: str) -> Any:
+    """A :class:`StageTrainingArgs` field with this stage's own default (used when neither the section nor the top
+    level sets it); its checks stay the inherited field's, ``source`` says where the value comes from."""
+    inherited = StageTrainingArgs.__dataclass_fields__[name].metadata
+    return field(default=value, metadata={**inherited, "stage_default": source})
+
+
+# Sources of the stages' own defaults (the README's defaults table lists them, a test compares it with these classes).
+ALLO_CODE = "ALLO official code"
+ALIGNER_PAPER = "Aligner paper"
+
+
 @dataclass
 class SFTStageConfig(StageTrainingArgs):
     """Supervised fine-tuning on prompt-completion JSONL (TRL format: {"prompt", "completion"})."""
 
-    completion_field: str = "completion"  # set to "chosen" to SFT on the chosen side of a preference file
+    completion_field: str = field(
+        default="completion", metadata=_doc('the response field; "chosen" to SFT on a preference file\'s chosen side')
+    )
 
 
 @dataclass
 class CorrectStageConfig(StageTrainingArgs):
     """Aligner-style corrector training on {"question", "answer", "correction"} JSONL."""
 
-    # Share of the examples first trained as answer -> answer identity pairs (Aligner's warm-up; the paper uses 0.2).
-    identity_warmup_fraction: float = field(default=0.0, metadata=_range(0, 1))
+    learning_rate: float | None = _stage_default("learning_rate", 2e-5, ALIGNER_PAPER)
+    num_train_epochs: float | None = _stage_default("num_train_epochs", 3.0, ALIGNER_PAPER)
+    identity_warmup_fraction: float = field(
+        default=0.2,
+        metadata={
+            **_range(0, 1, doc="share of the examples first trained as answer -> answer identity pairs"),
+            "stage_default": ALIGNER_PAPER,
+        },
+    )
 
 
 @dataclass
 class WarmupStageConfig(StageTrainingArgs):
     """Full-parameter DPO on preference JSONL; its result is theta_warm for ``locate``."""
 
+    learning_rate: float | None = _stage_default("learning_rate", 1e-6, ALLO_CODE)
+    lr_scheduler_type: str | None = _stage_default("lr_scheduler_type", "cosine", ALLO_CODE)
+    warmup_ratio: float | None = _stage_default("warmup_ratio", 0.1, ALLO_CODE)
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: str | None = field(default=None, metadata=_choices(PREFERENCE_LOSS_TYPES))
+    loss_type: str | None = field(default=None, metadata=_choices(_LOSS_TYPES_REF))
     label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
-    simpo_gamma: float | None = field(default=None, metadata=_range(0))  # loss_type "simpo": the target margin
+    simpo_gamma: float | None = field(default=None, metadata=_range(0))
 
 
 @dataclass
 class LocateStageConfig:
     """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate)."""
 
-    importance: str = field(default="delta", metadata=_choices(IMPORTANCES))
-    divide_by_lr: bool = False  # "delta": |theta_warm - theta_start| / learning_rate of the warm-up
-    granularity: str = field(default="element", metadata=_choices(GRANULARITIES))
-    ratio: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
-    scope: str = field(default="global", metadata=_choices(SCOPES))
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    start_model: str | None = None  # None: model_name_or_path
-    warm_model: str | None = None  # None: the warm-up stage's output
-    data_path: str | None = None  # "grad": preference data whose DPO gradients are accumulated; None: warmup's
-    grad_num_batches: int = field(default=16, metadata=_range(1))
+    importance: str = field(
+        default="delta",
+        metadata=_choices(_IMPORTANCES_REF, "delta: |theta_warm - theta_start|; grad: accumulated |DPO gradient|"),
+    )
+    divide_by_lr: bool = field(default=False, metadata=_doc("delta: divide by the warm-up's learning rate"))
+    granularity: str = field(
+        default="element",
+        metadata=_choices(_GRANULARITIES_REF, "what is selected: single weights, rows (neurons) or whole layers"),
+    )
+    ratio: float = field(
+        default=0.05, metadata=_range(0, 1, lo_open=True, doc="share of the candidate weights selected")
+    )
+    scope: str = field(
+        default="global", metadata=_choices(_SCOPES_REF, "rank across all matrices, or within each matrix")
+    )
+    exclude: list[str] | None = field(
+        default=None,
+        metadata=_doc("parameters never selected (glob, or re:regex); null: locate.DEFAULT_EXCLUDE"),
+    )
+    start_model: str | None = field(
+        default=None, metadata=_doc("the model before the warm-up; null: the stage's start")
+    )
+    warm_model: str | None = field(default=None, metadata=_doc("the warmed-up model; null: the warmup stage's output"))
+    data_path: str | None = field(
+        default=None, metadata=_doc("importance grad: preference JSONL; null: warmup.data_path")
+    )
+    grad_num_batches: int = field(default=16, metadata=_range(1, doc="importance grad: batches accumulated"))
 
     def check(self, stage: str) -> None:
-        for i, pattern in enumerate(self.exclude):
+        for i, pattern in enumerate(self.exclude or ()):
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
@@ -151,12 +237,26 @@ class LocateStageConfig:
 class ForgetStageConfig(StageTrainingArgs):
     """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
 
-    ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N1; None: locate.ratio
-    # "delta": compact row deltas, the rest frozen (weight decay then pulls toward the starting weights; ALLO uses
-    # 0); "masked": SparseAdamW; None: delta for row / layer masks, masked for element masks (see sparsity.py)
-    sparsity: str | None = field(default=None, metadata=_choices(SPARSITY_MODES))
-    token_weight_source: str = field(default="token_weights", metadata=_choices(TOKEN_WEIGHT_SOURCES))
-    scoring_model: str | None = None  # required when token_weight_source == "scoring_model"
+    learning_rate: float | None = _stage_default("learning_rate", 5e-7, ALLO_CODE)
+    lr_scheduler_type: str | None = _stage_default("lr_scheduler_type", "cosine", ALLO_CODE)
+    warmup_ratio: float | None = _stage_default("warmup_ratio", 0.03, ALLO_CODE)
+    ratio: float | None = field(
+        default=None, metadata=_range(0, 1, lo_open=True, doc="N1: share of neurons trained; null: locate.ratio")
+    )
+    sparsity: str | None = field(
+        default=None,
+        metadata=_choices(
+            _SPARSITY_MODES_REF,
+            "delta: compact row deltas, the rest frozen; masked: SparseAdamW; null: delta for row/layer masks",
+        ),
+    )
+    token_weight_source: str = field(
+        default="token_weights",
+        metadata=_choices(_TOKEN_WEIGHT_SOURCES_REF, "where each rejected token's weight comes from"),
+    )
+    scoring_model: str | None = field(
+        default=None, metadata=_doc("token_weight_source scoring_model: the rewriting model's directory")
+    )
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
 
     def check(self, stage: str) -> None:
@@ -172,22 +272,52 @@ class ForgetStageConfig(StageTrainingArgs):
 class ImproveStageConfig(StageTrainingArgs):
     """ALLO improving: DPO on the located neurons; a fraction of each rejected response's tokens is dropped from it."""
 
-    ratio: float | None = field(default=None, metadata=_range(0, 1, lo_open=True))  # N2; None: locate.ratio
-    # "delta": compact row deltas, the rest frozen (weight decay then pulls toward the starting weights; ALLO uses
-    # 0); "masked": SparseAdamW; None: delta for row / layer masks, masked for element masks (see sparsity.py)
-    sparsity: str | None = field(default=None, metadata=_choices(SPARSITY_MODES))
-    mask_fraction: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))  # share of tokens dropped
-    mask_by: str = field(default="highest", metadata=_choices(MASK_BY))  # drop the highest- or lowest-reward ones
-    mask_scope: str = field(default="sequence", metadata=_choices(MASK_SCOPES))
+    learning_rate: float | None = _stage_default("learning_rate", 5e-6, ALLO_CODE)
+    lr_scheduler_type: str | None = _stage_default("lr_scheduler_type", "cosine", ALLO_CODE)
+    warmup_ratio: float | None = _stage_default("warmup_ratio", 0.1, ALLO_CODE)
+    ratio: float | None = field(
+        default=None, metadata=_range(0, 1, lo_open=True, doc="N2: share of neurons trained; null: locate.ratio")
+    )
+    sparsity: str | None = field(
+        default=None,
+        metadata=_choices(
+            _SPARSITY_MODES_REF,
+            "delta: compact row deltas, the rest frozen; masked: SparseAdamW; null: delta for row/layer masks",
+        ),
+    )
+    mask_fraction: float = field(
+        default=0.9,
+        metadata={
+            **_range(0, 1, hi_open=True, doc="share of each rejected response's tokens dropped from the loss"),
+            "stage_default": ALLO_CODE,
+        },
+    )
+    mask_by: str = field(
+        default="highest",
+        metadata={
+            **_choices(_MASK_BY_REF, "drop the highest- or the lowest-reward tokens"),
+            "stage_default": ALLO_CODE,
+        },
+    )
+    mask_scope: str = field(
+        default="sequence",
+        metadata={
+            **_choices(_MASK_SCOPES_REF, "rank tokens within each response or the whole batch"),
+            "stage_default": ALLO_CODE,
+        },
+    )
     beta: float | None = field(default=None, metadata=_range(0, lo_open=True))
-    loss_type: str | None = field(default=None, metadata=_choices(PREFERENCE_LOSS_TYPES))
+    loss_type: str | None = field(default=None, metadata=_choices(_LOSS_TYPES_REF))
     label_smoothing: float | None = field(default=None, metadata=_range(0, 0.5))
-    simpo_gamma: float | None = field(default=None, metadata=_range(0))  # loss_type "simpo": the target margin
+    simpo_gamma: float | None = field(default=None, metadata=_range(0))
 
 
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: ["warmup", "locate", "forget", "improve"])
+    stages: list[str] = field(
+        default_factory=lambda: ["warmup", "locate", "forget", "improve"],
+        metadata=_doc("the stages `allo-train pipeline` runs, in order"),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,40 +339,56 @@ def _default_sections() -> dict[str, Any]:
 
 @dataclass
 class TrainConfig:
-    model_name_or_path: str | None = None
-    tokenizer_name_or_path: str | None = None  # None: model_name_or_path
-    trust_remote_code: bool = False
-    output_dir: str = "outputs"
-    seed: int = 42
+    model_name_or_path: str | None = field(
+        default=None, metadata=_doc("the starting model: a local Hugging Face model directory")
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata=_doc("null: the starting model's tokenizer"))
+    trust_remote_code: bool = field(default=False, metadata=_doc("let transformers run the model's own code"))
+    output_dir: str = field(default="outputs", metadata=_doc("each stage writes <output_dir>/<stage>/"))
+    seed: int = field(default=42, metadata=_doc("data order, held-out split, initialisation"))
 
     # Shared training defaults (TRL names); stage sections inherit them.
-    beta: float = field(default=0.1, metadata=_range(0, lo_open=True))
-    loss_type: str = field(default="sigmoid", metadata=_choices(PREFERENCE_LOSS_TYPES))
-    label_smoothing: float = field(default=0.0, metadata=_range(0, 0.5))
-    simpo_gamma: float = field(default=1.0, metadata=_range(0))  # loss_type "simpo" only
-    learning_rate: float = field(default=5e-6, metadata=_range(0, lo_open=True))
-    per_device_train_batch_size: int = field(default=1, metadata=_range(1))
-    per_device_eval_batch_size: int | None = field(default=None, metadata=_range(1))  # None: the train batch size
-    gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
-    num_train_epochs: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    max_steps: int = field(default=-1, metadata=_range(-1))  # -1: run num_train_epochs
-    warmup_ratio: float = field(default=0.0, metadata=_range(0, 1))
-    lr_scheduler_type: str = field(default="linear", metadata=_choices(LR_SCHEDULERS))
-    weight_decay: float = field(default=0.0, metadata=_range(0))
-    max_grad_norm: float = field(default=1.0, metadata=_range(0))  # 0: no clipping
-    max_length: int = field(default=1024, metadata=_range(2))
-    max_prompt_length: int = field(default=512, metadata=_range(1))
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    deepspeed: str | dict | None = None  # path to a DeepSpeed JSON/YAML, or the config inline
-    logging_steps: int = field(default=10, metadata=_range(1))
-    save_steps: int = field(default=500, metadata=_range(1))
-    save_total_limit: int | None = field(default=2, metadata=_range(1))
-    eval_fraction: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))  # held-out share, split by seed
-    eval_steps: int | None = field(default=None, metadata=_range(1))  # None: logging_steps
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"], metadata=_choices(REPORT_TO))
-    resume_from_checkpoint: bool | str = False  # True: the newest verified checkpoint in the stage dir
-    allow_config_change: bool = False  # resume a checkpoint whose training settings differ (see training_settings)
+    beta: float = field(default=0.1, metadata=_range(0, lo_open=True, doc="DPO / NPO temperature of the log-ratio"))
+    loss_type: str = field(default="sigmoid", metadata=_choices(_LOSS_TYPES_REF, "preference loss (sigmoid = DPO)"))
+    label_smoothing: float = field(default=0.0, metadata=_range(0, 0.5, doc="conservative DPO's label noise"))
+    simpo_gamma: float = field(default=1.0, metadata=_range(0, doc="loss_type simpo: the target margin"))
+    learning_rate: float = field(default=5e-6, metadata=_range(0, lo_open=True, doc="peak learning rate (AdamW)"))
+    per_device_train_batch_size: int = field(default=1, metadata=_range(1, doc="examples (pairs) per GPU per step"))
+    per_device_eval_batch_size: int | None = field(
+        default=None, metadata=_range(1, doc="held-out batch size; null: the train batch size")
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata=_range(1, doc="micro-batches per optimizer step"))
+    num_train_epochs: float = field(default=1.0, metadata=_range(0, lo_open=True, doc="passes over the data"))
+    max_steps: int = field(default=-1, metadata=_range(-1, doc="optimizer steps; -1: run num_train_epochs"))
+    warmup_ratio: float = field(default=0.0, metadata=_range(0, 1, doc="share of the steps with a linear LR warm-up"))
+    lr_scheduler_type: str = field(default="linear", metadata=_choices(_LR_SCHEDULERS_REF, "LR schedule"))
+    weight_decay: float = field(default=0.0, metadata=_range(0, doc="AdamW's decoupled weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_range(0, doc="gradient clipping norm; 0: no clipping"))
+    max_length: int = field(default=1024, metadata=_range(2, doc="tokens per sequence (prompt + response)"))
+    max_prompt_length: int = field(default=512, metadata=_range(1, doc="prompt tokens kept (its end)"))
+    bf16: bool = field(default=False, metadata=_doc("train in bfloat16 (DeepSpeed keeps fp32 master weights)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_doc("recompute activations in the backward"))
+    deepspeed: str | dict | None = field(
+        default=None, metadata=_doc("DeepSpeed config: a JSON/YAML path or inline; null: ZeRO stage 0")
+    )
+    logging_steps: int = field(default=10, metadata=_range(1, doc="metrics every N optimizer steps"))
+    save_steps: int = field(default=500, metadata=_range(1, doc="a checkpoint every N optimizer steps"))
+    save_total_limit: int | None = field(default=2, metadata=_range(1, doc="checkpoints kept; null: all"))
+    eval_fraction: float = field(
+        default=0.0, metadata=_range(0, 1, hi_open=True, doc="held-out share of the data, split by seed")
+    )
+    eval_steps: int | None = field(
+        default=None, metadata=_range(1, doc="held-out evaluation every N steps; null: logging_steps")
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["jsonl"], metadata=_choices(REPORT_TO, "metric sinks (metrics.jsonl always)")
+    )
+    resume_from_checkpoint: bool | str = field(
+        default=False, metadata=_doc("true: the newest verified checkpoint; or a checkpoint directory (--resume)")
+    )
+    allow_config_change: bool = field(
+        default=False, metadata=_doc("resume a checkpoint whose training settings differ (--allow-config-change)")
+    )
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # One section per entry of the stage table, keyed by stage name; read them as cfg.<stage> or cfg.section(stage).
@@ -341,8 +487,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
-    cfg = _build(TrainConfig, raw, prefix="")
-    _resolve_and_check(cfg)
+    """Build and check the config. Keys, types, ranges and cross-field rules are checked first; the values whose
+    choices another module owns are checked last, when their owners are imported (see the module docstring)."""
+    owned: list[tuple[str, Any, str]] = []  # (dotted key, value, "module:NAME") checked once the structure is right
+    cfg = _build(TrainConfig, raw, prefix="", owned=owned)
+    _resolve_and_check(cfg, raw)
+    for dotted, value, ref in owned:
+        _check_value(dotted, value, {"choices": owner_value(ref)})
+    locate = cfg.sections.get("locate")
+    if locate is not None and locate.exclude is None:
+        locate.exclude = list(owner_value(_DEFAULT_EXCLUDE_REF))
     return cfg
 
 
@@ -358,6 +512,81 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def render_config(cfg: TrainConfig | None = None, *, stage: str | None = None) -> str:
+    """``cfg`` (None: the defaults) as YAML with a one-line comment on every key: what it is, its choices or range,
+    and for a stage's key where its value comes from when the section leaves it unset. Generated from the dataclasses
+    and the stage table, so a new key or stage shows up by itself. ``stage``: that section only.
+    ``yaml.safe_load`` of the text equals :func:`config_to_dict` of the config (of its section for ``stage``)."""
+    cfg = load_config() if cfg is None else cfg
+    table = _stage_table()
+    if stage is not None and stage not in table:
+        raise ValueError(f"stage must be one of {list(table)}, got {stage!r}")
+    top = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    blocks: list[list[tuple[str, str]]] = []  # (YAML text, comment) lines, aligned per block
+
+    def block(header: tuple[str, str] | None, obj: Any, indent: str, section: str | None) -> None:
+        lines = [header] if header else []
+        nested = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == "sections":
+                continue
+            if dataclasses.is_dataclass(value):
+                nested.append((f.name, value))
+                continue
+            lines.append((f"{indent}{f.name}: {_flow_yaml(value)}", _key_comment(f, top, section)))
+        blocks.append(lines)
+        for name, value in nested:
+            block((f"{indent}{name}:", ""), value, indent + "  ", name)
+
+    if stage is None:
+        blocks.append(
+            [
+                ("# allo-train config: every key and its value. A key a stage section does not set takes the", ""),
+                ("# top-level key's value when the config sets that, else the stage's own default.", ""),
+            ]
+        )
+        block(None, cfg, "", None)
+    for name, spec in table.items():
+        if stage is None or stage == name:
+            block((f"{name}:", spec.summary), cfg.section(name), "  ", name)
+    out = []
+    for lines in blocks:
+        width = min(40, max((len(text) for text, comment in lines if comment), default=0))
+        out += [f"{text:<{width}}  # {comment}" if comment else text for text, comment in lines]
+    return "\n".join(out) + "\n"
+
+
+def _flow_yaml(value: Any) -> str:
+    """One value as inline YAML (``5.0e-06``, ``null``, ``[a, b]``, ``{stage: 3}``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def _key_comment(f: dataclasses.Field, top: dict[str, dataclasses.Field], section: str | None) -> str:
+    """doc; choices or range; for a stage key shared with the top level, what an unset value becomes."""
+    meta = f.metadata
+    shared = section is not None and f.name in top and section != "pipeline"
+    doc = meta.get("doc") or (top[f.name].metadata.get("doc", "") if shared else "")
+    parts = [doc or str(f.type)]  # a key nobody described still says what it holds
+    choices = choices_of(meta)
+    if choices:
+        parts.append("one of " + ", ".join(map(str, choices)))
+    elif "range" in meta:
+        lo, hi, lo_open, hi_open = meta["range"]
+        parts.append(
+            f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}"
+            f"{')' if hi_open or hi is None else ']'}"
+        )
+    if shared and "stage_default" in meta:
+        parts.append(f"unset: the top level's if set, else {_flow_yaml(f.default)} ({meta['stage_default']})")
+    elif shared:
+        parts.append("unset: the top level's")
+    elif "stage_default" in meta:
+        parts.append(f"default from {meta['stage_default']}")
+    return "; ".join(p for p in parts if p)
 
 
 # Stage fields that set when or how things are logged, saved or evaluated, not what is trained: they may change on
@@ -440,7 +669,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, *, prefix: str) -> Any:
+def _build(cls: type, raw: Any, *, prefix: str, owned: list) -> Any:
     where = prefix.rstrip(".") or "<top level>"
     if raw is None:
         raw = {}
@@ -465,12 +694,12 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
         dotted = prefix + name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, prefix=dotted + ".")
+            kwargs[name] = _build(tp, value, prefix=dotted + ".", owned=owned)
         else:
-            kwargs[name] = _check_value(dotted, _coerce(dotted, value, tp), fields[name].metadata)
+            kwargs[name] = _check_value(dotted, _coerce(dotted, value, tp), fields[name].metadata, owned)
     if sections:
         kwargs["sections"] = {
-            name: _build(spec.section, raw.get(name), prefix=f"{name}.") for name, spec in sections.items()
+            name: _build(spec.section, raw.get(name), prefix=f"{name}.", owned=owned) for name, spec in sections.items()
         }
     return cls(**kwargs)
 
@@ -541,12 +770,19 @@ def _exact(value: Any, tp: Any) -> bool:
     return isinstance(tp, type) and type(value) is tp
 
 
-def _check_value(dotted: str, value: Any, meta: Any) -> Any:
+def _check_value(dotted: str, value: Any, meta: Any, owned: list | None = None) -> Any:
+    """Range and choices of one value. Choices named as "module:NAME" are appended to ``owned`` (checked later by
+    config_from_dict, when the owner may be imported)."""
     if value is None:
         return value
     if isinstance(value, list):  # the metadata applies to each item
-        return [_check_value(f"{dotted}[{i}]", v, meta) for i, v in enumerate(value)]
-    if "choices" in meta and value not in meta["choices"]:
+        return [_check_value(f"{dotted}[{i}]", v, meta, owned) for i, v in enumerate(value)]
+    if isinstance(meta.get("choices"), str):
+        if owned is None:
+            meta = {**meta, "choices": choices_of(meta)}
+        else:
+            owned.append((dotted, value, meta["choices"]))
+    if "choices" in meta and not isinstance(meta["choices"], str) and value not in meta["choices"]:
         raise ValueError(f"config key {dotted!r} must be one of {list(meta['choices'])}, got {value!r}")
     if "range" in meta:
         lo, hi, lo_open, hi_open = meta["range"]
@@ -569,12 +805,17 @@ def _check_lengths(prefix: str, section: Any) -> None:
         )
 
 
-def _resolve_and_check(cfg: TrainConfig) -> None:
+def _resolve_and_check(cfg: TrainConfig, raw: dict[str, Any]) -> None:
+    """Fill each section's fields from the top level (see the module docstring for the order), then the checks
+    across keys. ``raw``: the mapping the config was built from (which keys were set)."""
     top_level = {f.name for f in dataclasses.fields(TrainConfig)}
     table = _stage_table()
     for stage, section in cfg.sections.items():
-        for f in dataclasses.fields(section):  # None: the top-level value of the same name
-            if f.name in top_level and getattr(section, f.name) is None:
+        set_here = raw.get(stage) or {}
+        for f in dataclasses.fields(section):
+            if f.name not in top_level or f.name in set_here:
+                continue
+            if f.name in raw or getattr(section, f.name) is None:  # the top level's value, set or default
                 setattr(section, f.name, getattr(cfg, f.name))
         if table[stage].needs_masks and section.ratio is None:
             section.ratio = cfg.locate.ratio

@@ -126,12 +126,14 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
                     f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}, {e.reason}); "
                     "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
                 ) from None
+            line = line.rstrip("\r\n")  # the line break is not part of the object (errors at its end say so)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                end = " (the end of the line)" if e.pos >= len(line.rstrip()) else ""
+                raise ValueError(f"{where}: invalid JSON at column {e.pos + 1}{end}: {e.msg}") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
             yield where, obj

@@ -394,30 +394,30 @@ def plot_accuracy(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_losses(curves: dict[str, Path], path: Path) -> Path:
-    """One panel per training run: train loss (and held-out loss) against step."""
+def loss_curves_figure(curves: dict[str, tuple[Path, str]]):
+    """One panel per training run: train loss (and held-out loss) against step. ``curves``: {panel title: (the
+    run's stage directory or metrics.jsonl, what its loss is)}; each panel's title names the loss."""
     from matplotlib.figure import Figure
 
-    from .metrics import read_metrics
+    from .metrics import draw_loss_curves, read_curves
 
     cols = 3
     nrows = -(-len(curves) // cols)
-    fig = Figure(figsize=(4.0 * cols, 3.0 * nrows))
-    for i, (name, metrics_path) in enumerate(curves.items()):
+    fig = Figure(figsize=(4.2 * cols, 3.2 * nrows))
+    for i, (name, (metrics_path, loss_name)) in enumerate(curves.items()):
         ax = fig.add_subplot(nrows, cols, i + 1)
-        records = read_metrics(metrics_path)
-        for key in ("loss", "eval/loss"):
-            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=key, marker=".")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        if i % cols == 0:
-            ax.set_ylabel("loss")
-        ax.legend(fontsize=7)
+        series = {
+            k: v
+            for stage_series in read_curves(metrics_path, ("loss", "eval/loss")).values()
+            for k, v in stage_series.items()
+        }
+        draw_loss_curves(ax, series, title=f"{name}\n{loss_name}")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    return fig
+
+
+def plot_losses(curves: dict[str, tuple[Path, str]], path: Path) -> Path:
+    loss_curves_figure(curves).savefig(path, format="png", dpi=100)
     return path
 
 
@@ -511,7 +511,7 @@ def run_demo(
 
 def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
     from .model import build_tiny_llama
-    from .stages import model_dir
+    from .stages import STAGES, loss_label, model_dir
     from .tokenizer import build_char_tokenizer
     from .trainer import run_pipeline, run_stage
 
@@ -619,6 +619,9 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
         state = trainable_state_bytes(cfg, stage_name)
         add_row(model, stage, model_dir(cfg, stage_name), pct, state, steps)
 
+    def curve(cfg, stage: str) -> tuple[Path, str]:
+        return cfg.stage_dir(stage), loss_label(STAGES[stage], cfg.section(stage))
+
     table = results_table(rows)
     files = {
         "results_md": out / "results.md",
@@ -626,12 +629,12 @@ def _run_demo(out: Path, seed: int, quick: bool, overrides: dict) -> dict:
         "accuracy_plot": plot_accuracy(rows, out / "accuracy.png"),
         "loss_plot": plot_losses(
             {
-                "sft": sft_cfg.stage_dir("sft"),
-                "ALLO warmup": allo_cfg.stage_dir("warmup"),
-                "ALLO forget": allo_cfg.stage_dir("forget"),
-                "ALLO improve": allo_cfg.stage_dir("improve"),
-                "full DPO": dpo_cfg.stage_dir("warmup"),
-                "SFT-only": sft_more_cfg.stage_dir("sft"),
+                "SFT": curve(sft_cfg, "sft"),
+                "ALLO warmup": curve(allo_cfg, "warmup"),
+                "ALLO forget": curve(allo_cfg, "forget"),
+                "ALLO improve": curve(allo_cfg, "improve"),
+                "full DPO": curve(dpo_cfg, "warmup"),
+                "SFT-only": curve(sft_more_cfg, "sft"),
             },
             out / "loss_curves.png",
         ),

@@ -391,9 +391,10 @@ def mask_stats(
             ly = layers.setdefault(str(layer), {"elements": 0, "selected_elements": 0, "modules": {}})
             ly["elements"] += numel
             ly["selected_elements"] += selected
-            mod = ly["modules"].setdefault(entry["module"], {"elements": 0, "selected_elements": 0})
+            mod = ly["modules"].setdefault(entry["module"], {"elements": 0, "selected_elements": 0, "excluded": True})
             mod["elements"] += numel
             mod["selected_elements"] += selected
+            mod["excluded"] = mod["excluded"] and excluded  # every parameter of the module excluded
     for ly in layers.values():
         ly["fraction"] = ly["selected_elements"] / ly["elements"] if ly["elements"] else 0.0
         for mod in ly["modules"].values():
@@ -407,32 +408,57 @@ def mask_stats(
 
 
 def plot_mask_heatmap(stats: Mapping, path: str | Path, *, title: str | None = None) -> Path:
-    """Layers (rows) x module types (columns), colour = selected fraction of elements. Uses the Agg canvas directly
-    (no pyplot, no global backend change)."""
+    """:func:`mask_heatmap_figure` written to ``path`` as a PNG (atomically)."""
+    fig = mask_heatmap_figure(stats, title=title)
+    return _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+# The heatmap's colour bar, and how it shows modules that were never candidates.
+HEATMAP_COLORBAR_LABEL = "selected share of weights"
+HEATMAP_EXCLUDED_LABEL = "excluded (never selected: locate.exclude)"
+
+
+def mask_heatmap_figure(stats: Mapping, *, title: str | None = None):
+    """Layers (rows) x module types (columns), colour = selected share of the module's weights; modules excluded
+    from selection (embeddings, norms, lm_head by default) are grey and hatched, not "0 selected". A matplotlib
+    Figure (the Agg canvas, no pyplot, no global backend change)."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
 
     layers = list(stats["layers"].keys())
     modules = sorted({m for ly in stats["layers"].values() for m in ly["modules"]})
     data = torch.full((max(len(layers), 1), max(len(modules), 1)), float("nan"))
+    excluded = []  # (row, column) of the excluded cells
     for i, layer in enumerate(layers):
         for j, m in enumerate(modules):
             entry = stats["layers"][layer]["modules"].get(m)
-            if entry is not None:
+            if entry is None:
+                continue
+            if entry.get("excluded", False):
+                excluded.append((i, j))
+            else:
                 data[i, j] = entry["fraction"]
-    fig = Figure(figsize=(max(4.0, 0.6 * len(modules) + 2.5), max(3.0, 0.25 * len(layers) + 1.5)))
+    fig = Figure(figsize=(max(4.5, 0.6 * len(modules) + 3.0), max(3.8, 0.25 * len(layers) + 2.2)))
     ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+    vmax = max(float(data.nan_to_num(0.0).max()), 1e-12)
+    image = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    for i, j in excluded:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", edgecolor="0.5", hatch="///", lw=0))
     ax.set_xticks(range(len(modules)))
     ax.set_xticklabels(modules, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels(layers, fontsize=7)
     ax.set_xlabel("module")
     ax.set_ylabel("layer")
-    ax.set_title(title or "selected fraction per layer and module")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    ax.set_title(title or "selected share per layer and module")
+    fig.colorbar(image, ax=ax).set_label(HEATMAP_COLORBAR_LABEL, fontsize=8)
+    bottom = 0.0
+    if excluded:
+        hatched = Patch(facecolor="0.85", edgecolor="0.5", hatch="///", label=HEATMAP_EXCLUDED_LABEL)
+        fig.legend(handles=[hatched], loc="lower center", fontsize=8, frameon=False)
+        bottom = 0.35 / fig.get_figheight()  # room for the legend under the axes
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
 
 
 def _atomic(path: Path, write) -> Path:

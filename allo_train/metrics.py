@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,72 @@ from typing import Any
 from .files import naming_write_errors
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def progress_bars() -> bool:
+    """tqdm bars only on a terminal: when stdout or stderr (the bar's stream) goes to a file or a pipe (a log file,
+    a launcher), a bar is a stream of carriage returns, so the loop prints a log line every ``logging_steps``
+    instead (:func:`progress_line`)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def quiet_library_progress_bars() -> None:
+    """Without a terminal (:func:`progress_bars`), the Hugging Face libraries' bars ("Loading weights", "Writing model
+    shards") are turned off too, so a log file holds no carriage-return bars. The environment variable is read when
+    transformers is imported (a value the user set stays); an already imported transformers is told directly."""
+    if progress_bars():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+# Metrics a progress line shows when they were logged (TRL names), besides the loss, and how.
+PROGRESS_METRICS = {"rewards/margins": ".4f", "rewards/accuracies": ".2f", "grad_norm": ".3g", "learning_rate": ".2e"}
+
+
+def progress_line(stage: str, step: int, total: int, metrics: Mapping[str, Any], *, elapsed: float, done: int) -> str:
+    """``improve: step 20/240 (8%) loss 0.6931 rewards/margins 0.0123 ... 12 s, about 2 min 10 s left``; ``done``:
+    the steps this process ran in ``elapsed`` seconds (a resumed run starts past 0)."""
+    parts = [f"{stage}: step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+    for key, fmt in {"loss": ".4f", **PROGRESS_METRICS}.items():
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{key} {value:{fmt}}")
+    left = elapsed / max(done, 1) * (total - step)
+    parts.append(format_seconds(elapsed) + (f", about {format_seconds(left)} left" if step < total else ""))
+    return " ".join(parts)
+
+
+class ProgressLines:
+    """Progress as log lines, for when there is no terminal to draw a bar on: at a logging step once a tenth of the
+    stage's steps or a minute has passed since the last line, and at the last step."""
+
+    def __init__(self, stage: str, total: int, start_step: int, say) -> None:
+        self.stage, self.total, self.start_step, self.say = stage, total, start_step, say
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = start_step
+
+    def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+        now = time.perf_counter()
+        if step < self.total and step - self.last_step < self.total / 10 and now - self.last_time < 60:
+            return
+        done = step - self.start_step
+        self.say(progress_line(self.stage, step, self.total, metrics, elapsed=now - self.started, done=done))
+        self.last_time, self.last_step = now, step
+
+
+def format_seconds(seconds: float) -> str:
+    """``8.1 s``, ``42 s``, ``3 min 12 s``, ``2 h 05 min``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def is_main_process() -> bool:
@@ -171,16 +238,35 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+# How a curve is called in a plot's legend.
+SERIES_LABELS = {"loss": "train", "eval/loss": "held-out"}
+
+
 def plot_loss_curves(
     metrics_path: str | Path,
     out_dir: str | Path,
     *,
     keys: tuple[str, ...] = ("loss", "eval/loss"),
+    loss_name: str | None = None,
 ) -> list[Path]:
     """One PNG per stage, ``<out_dir>/loss_<stage>.png``, plotting each of ``keys`` present against step.
+    ``loss_name``: what the loss is (e.g. "token-weighted NPO"), in the title.
     Returns the written paths (stages without any of the keys get no file)."""
-    from matplotlib.figure import Figure
+    by_stage = read_curves(metrics_path, keys)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stage, series in by_stage.items():
+        fig = loss_curve_figure(stage, series, loss_name=loss_name)
+        path = out_dir / f"loss_{stage}.png"
+        with naming_write_errors(path):
+            fig.savefig(path, format="png", dpi=100)
+        written.append(path)
+    return written
 
+
+def read_curves(metrics_path: str | Path, keys: tuple[str, ...]) -> dict[str, dict[str, tuple[list, list]]]:
+    """``{stage: {key: (steps, values)}}`` of the finite values of ``keys`` in a metrics.jsonl."""
     by_stage: dict[str, dict[str, tuple[list, list]]] = {}
     for rec in read_metrics(metrics_path):
         stage = rec.get("stage") or "train"
@@ -190,22 +276,26 @@ def plot_loss_curves(
                 xs, ys = by_stage.setdefault(stage, {}).setdefault(key, ([], []))
                 xs.append(rec["step"])
                 ys.append(value)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for stage, series in by_stage.items():
-        fig = Figure(figsize=(6, 4))
-        ax = fig.add_subplot(1, 1, 1)
-        for key, (xs, ys) in series.items():
-            ax.plot(xs, ys, label=key, marker="." if len(xs) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("value")
-        ax.set_title(f"{stage}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / f"loss_{stage}.png"
-        with naming_write_errors(path):
-            fig.savefig(path, format="png", dpi=100)
-        written.append(path)
-    return written
+    return by_stage
+
+
+def draw_loss_curves(ax, series: Mapping[str, tuple[list, list]], *, title: str) -> None:
+    """Curves of one run on ``ax`` (train, held-out): the title (which should say which loss), step and loss axes."""
+    for key, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=SERIES_LABELS.get(key, key), marker="." if len(xs) < 50 else None)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def loss_curve_figure(stage: str, series: Mapping[str, tuple[list, list]], *, loss_name: str | None = None):
+    """The figure of :func:`plot_loss_curves` for one stage (a matplotlib Figure, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    draw_loss_curves(ax, series, title=f"{stage}: {loss_name}" if loss_name else stage)
+    fig.tight_layout()
+    return fig

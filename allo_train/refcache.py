@@ -60,7 +60,9 @@ def compute_or_load(
     results: dict[int, torch.Tensor] = {}
     from tqdm.auto import tqdm
 
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0):
+    from .metrics import progress_bars
+
+    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0 or not progress_bars()):
         idx = mine[b * batch_size : (b + 1) * batch_size] or mine[-1:] or [0]
         scored = score_batch([features[i] for i in idx])
         for i, t in zip(idx, scored):

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,8 @@ class Run:
     rank: int
     world_size: int
     device: torch.device
+    # What each stage reports for the end-of-run summary (trainer.summary_table), by stage name.
+    notes: dict[str, dict] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:

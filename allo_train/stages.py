@@ -34,15 +34,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-import allo_kernels as ak
-
-from . import data as D
 from .config import (
     CorrectStageConfig,
     ForgetStageConfig,
@@ -52,21 +47,14 @@ from .config import (
     TrainConfig,
     WarmupStageConfig,
 )
-from .generation import scoring_model_weights
-from .locate import (
-    IMPORTANCE_FILE,
-    MASKS_FILE,
-    GradImportance,
-    SafetensorsState,
-    delta_importance,
-    load_importance,
-    load_masks,
-    locate,
-    save_importance,
-    select_masks,
-)
-from .model import PolicyHiddenStates, load_causal_lm, load_tokenizer
-from .run import Run, clear_stage_done, mark_stage_done
+
+if TYPE_CHECKING:
+    import torch
+
+    from .run import Run
+
+# This module imports nothing heavy at the top (no torch, allo_kernels, transformers): the CLI reads the table to
+# parse its command line and check the config before torch is imported. The stage functions import what they use.
 
 
 @dataclass(frozen=True)
@@ -84,6 +72,9 @@ class StageSpec:
     needs_masks: bool = False  # trains only the neurons locate selected (the section has `ratio`)
     starts_from: tuple[str, ...] = ()  # the first of these stages in the pipeline gives the model, else the config's
     runner: Callable[[Run, StageSpec], Path] | None = None  # not a training run: runs the stage instead of the loop
+    # What `loss` computes, for plots and the end-of-run summary: formatted with the section's fields (and
+    # {preference_loss}: "DPO" for loss_type sigmoid, else the loss type); see loss_label.
+    loss_name: str = "loss"
 
     def __post_init__(self) -> None:
         training = (self.data, self.collator, self.loss)
@@ -113,11 +104,16 @@ def model_dir(cfg: TrainConfig, stage: str) -> Path:
     return cfg.stage_dir(stage) / "model"
 
 
+def start_model_source(cfg: TrainConfig, stage: str) -> str | None:
+    """The stage whose output ``stage`` starts from, or None when it starts from ``model_name_or_path``."""
+    return next((earlier for earlier in STAGES[stage].starts_from if earlier in cfg.pipeline.stages), None)
+
+
 def start_model_dir(cfg: TrainConfig, stage: str) -> Path:
     """The model ``stage`` starts from (see the model flow in the module docstring)."""
-    for earlier in STAGES[stage].starts_from:
-        if earlier in cfg.pipeline.stages:
-            return model_dir(cfg, earlier)
+    earlier = start_model_source(cfg, stage)
+    if earlier is not None:
+        return model_dir(cfg, earlier)
     if cfg.model_name_or_path is None:
         raise ValueError("config key 'model_name_or_path' is required (a local Hugging Face model directory)")
     return Path(cfg.model_name_or_path)
@@ -126,6 +122,8 @@ def start_model_dir(cfg: TrainConfig, stage: str) -> Path:
 def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
     """Masks of the neurons ``stage`` trains and where they come from: the located masks, re-selected from the saved
     importance when the stage's ratio (N1 / N2) differs from locate.ratio."""
+    from .locate import IMPORTANCE_FILE, MASKS_FILE, load_importance, load_masks, select_masks
+
     cfg = run.cfg
     loc = cfg.stage_dir("locate")
     ratio = cfg.section(stage).ratio
@@ -138,6 +136,14 @@ def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
     return masks, f"masks re-selected at {stage}.ratio={ratio} from {loc / IMPORTANCE_FILE}"
 
 
+def loss_label(spec: StageSpec, section: Any) -> str:
+    """``spec.loss_name`` filled in from the stage's section (e.g. "DPO, 90% of rejected tokens dropped")."""
+    fields = asdict(section) if is_dataclass(section) else {}
+    loss_type = fields.get("loss_type")
+    fields["preference_loss"] = "DPO" if loss_type == "sigmoid" else f"{loss_type} (DPO family)"
+    return spec.loss_name.format(**fields)
+
+
 # ----------------------------------------------------------------------------------------------------- data
 def _lengths(args: Any) -> dict:
     return dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
@@ -145,11 +151,16 @@ def _lengths(args: Any) -> dict:
 
 def preference_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device) -> list[dict]:
     """{"prompt", "chosen", "rejected"} lines -> preference features."""
+    from . import data as D
+
     return D.tokenize_preference(D.load_preference_jsonl(args.data_path), tokenizer, **_lengths(args))
 
 
 def forgetting_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device) -> list[dict]:
     """{"prompt", "rejected"} lines -> features with per-token weights from ``args.token_weight_source``."""
+    from . import data as D
+    from .generation import scoring_model_weights
+
     examples = D.load_forgetting_jsonl(args.data_path, token_weight_source=args.token_weight_source)
     feats = D.tokenize_forgetting(examples, tokenizer, **_lengths(args))
     if args.token_weight_source == "scoring_model":
@@ -159,12 +170,16 @@ def forgetting_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device
 
 def sft_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device) -> list[dict]:
     """{"prompt", "completion"} lines (or ``args.completion_field``) -> SFT features."""
+    from . import data as D
+
     examples = D.load_sft_jsonl(args.data_path, completion_field=args.completion_field)
     return D.tokenize_sft(examples, tokenizer, **_lengths(args))
 
 
 def correction_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device) -> list[dict]:
     """{"question", "answer", "correction"} lines, plus Aligner's identity warm-up share -> SFT features."""
+    from . import data as D
+
     examples = D.load_correction_jsonl(args.data_path)
     examples = examples + D.identity_warmup_examples(examples, fraction=args.identity_warmup_fraction, seed=cfg.seed)
     return D.tokenize_correction(examples, tokenizer, **_lengths(args))
@@ -173,12 +188,16 @@ def correction_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device
 # ----------------------------------------------------------------------------------------------------- losses
 def sft_loss(args: Any, out: PolicyOutputs) -> tuple[torch.Tensor, dict]:
     """Mean negative log-prob of the response tokens."""
+    import allo_kernels as ak
+
     logp = ak.fused_linear_token_logprobs(out.hidden, out.lm_head_weight, out.labels, bias=out.lm_head_bias)
     return ak.losses.sft_loss(logp, out.labels != ak.IGNORE_INDEX)
 
 
 def preference_loss(args: Any, out: PolicyOutputs, **token_drop: Any) -> tuple[torch.Tensor, dict]:
     """DPO-family loss (``args.loss_type``: any of allo_kernels.objectives.PREFERENCE_LOSS_TYPES) on every token."""
+    import allo_kernels as ak
+
     return ak.preference_loss(
         out.hidden,
         out.labels,
@@ -202,6 +221,8 @@ def token_dropped_preference_loss(args: Any, out: PolicyOutputs) -> tuple[torch.
 
 def forgetting_loss(args: Any, out: PolicyOutputs) -> tuple[torch.Tensor, dict]:
     """ALLO forgetting: token-weighted NPO on the rejected responses."""
+    import allo_kernels as ak
+
     return ak.forgetting_loss(
         out.hidden,
         out.labels,
@@ -213,10 +234,33 @@ def forgetting_loss(args: Any, out: PolicyOutputs) -> tuple[torch.Tensor, dict]:
     )
 
 
+# ----------------------------------------------------------------------------------------------------- collators
+# data.py's collator classes, made when a stage builds its first batch (data.py imports torch).
+def sft_collator(pad_token_id: int) -> Callable:
+    from .data import SFTCollator
+
+    return SFTCollator(pad_token_id)
+
+
+def preference_collator(pad_token_id: int) -> Callable:
+    from .data import PreferenceCollator
+
+    return PreferenceCollator(pad_token_id)
+
+
+def forgetting_collator(pad_token_id: int) -> Callable:
+    from .data import ForgettingCollator
+
+    return ForgettingCollator(pad_token_id)
+
+
 # ----------------------------------------------------------------------------------------------------- locate
 def locate_stage(run: Run, spec: StageSpec) -> Path:
     """Importance of every parameter (weight change of the warm-up, or accumulated gradients), then the masks of the
     top ``ratio``, with their stats and heatmap (rank 0; plain torch, no engine)."""
+    from .locate import IMPORTANCE_FILE, SafetensorsState, delta_importance, locate, save_importance
+    from .run import clear_stage_done, mark_stage_done
+
     cfg, args = run.cfg, run.cfg.section(spec.name)
     out = cfg.stage_dir(spec.name)
     clear_stage_done(run, spec.name)
@@ -237,12 +281,21 @@ def locate_stage(run: Run, spec: StageSpec) -> Path:
         )
         print(f"[allo-train] {spec.name}: masks at {result.masks_path}, stats at {result.stats_path}")
         mark_stage_done(cfg, spec.name, result.masks_path)
+        run.notes[spec.name] = {"trained_fraction": result.stats["total"]["fraction"], "output": result.masks_path}
     run.barrier()
     return out
 
 
 def gradient_importance(run: Run, start: Path) -> dict[str, torch.Tensor]:
     """Accumulated |grad| of the DPO loss at the start model (reference = the model itself), plain torch on rank 0."""
+    import torch
+
+    import allo_kernels as ak
+
+    from . import data as D
+    from .locate import GradImportance
+    from .model import PolicyHiddenStates, load_causal_lm, load_tokenizer
+
     cfg, args = run.cfg, run.cfg.locate
     stage_cfg = replace(cfg.warmup, data_path=args.data_path or cfg.warmup.data_path)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or start)
@@ -276,24 +329,27 @@ STAGES: dict[str, StageSpec] = {
             section=SFTStageConfig,
             summary="supervised fine-tuning: cross-entropy on the completions",
             data=sft_data,
-            collator=D.SFTCollator,
+            collator=sft_collator,
             loss=sft_loss,
+            loss_name="cross-entropy on the completions",
         ),
         StageSpec(
             name="correct",
             section=CorrectStageConfig,
             summary="Aligner corrector: cross-entropy on corrections of {question, answer}",
             data=correction_data,
-            collator=D.SFTCollator,
+            collator=sft_collator,
             loss=sft_loss,
+            loss_name="cross-entropy on the corrections",
         ),
         StageSpec(
             name="warmup",
             section=WarmupStageConfig,
             summary="full-parameter DPO; its weight change locates the neurons",
             data=preference_data,
-            collator=D.PreferenceCollator,
+            collator=preference_collator,
             loss=preference_loss,
+            loss_name="{preference_loss}",
             paired=True,
             needs_reference=True,
             starts_from=("sft",),
@@ -310,8 +366,9 @@ STAGES: dict[str, StageSpec] = {
             section=ForgetStageConfig,
             summary="ALLO forgetting: token-weighted NPO on the selected neurons",
             data=forgetting_data,
-            collator=D.ForgettingCollator,
+            collator=forgetting_collator,
             loss=forgetting_loss,
+            loss_name="token-weighted NPO",
             needs_reference=True,
             needs_masks=True,
             starts_from=("sft",),
@@ -321,8 +378,9 @@ STAGES: dict[str, StageSpec] = {
             section=ImproveStageConfig,
             summary="ALLO improving: DPO on the selected neurons, most rejected tokens dropped",
             data=preference_data,
-            collator=D.PreferenceCollator,
+            collator=preference_collator,
             loss=token_dropped_preference_loss,
+            loss_name="{preference_loss}, {mask_fraction:.0%} of rejected tokens dropped",
             paired=True,
             needs_reference=True,
             needs_masks=True,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,24 @@ from .config import (
     training_settings,
 )
 from .engine import deepspeed_config, full_state_dict, initialize, load_engine_checkpoint, training_state_bytes
+from .errors import InputError, input_errors
 from .files import write_durable
 from .locate import check_masks_match_model, masks_digest, save_masks
-from .metrics import MetricsLogger, plot_loss_curves
+from .metrics import MetricsLogger, ProgressLines, format_seconds, plot_loss_curves, progress_bars
 from .model import PolicyHiddenStates, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from .refcache import cache_key, compute_or_load
 from .run import Run, clear_stage_done, mark_stage_done, output_dir_lock, rank0_decides, stage_done, start_run
 from .sparsity import DELTAS_FILE, DeltaPlan, apply_delta_mode, attached_copy, plan_deltas
-from .stages import STAGES, PolicyOutputs, StageSpec, model_dir, stage_masks, start_model_dir
+from .stages import (
+    STAGES,
+    PolicyOutputs,
+    StageSpec,
+    loss_label,
+    model_dir,
+    stage_masks,
+    start_model_dir,
+    start_model_source,
+)
 
 CRASH_ENV = "ALLO_TRAIN_CRASH_AFTER"  # test hook "<stage>:<step>": hard-exit after that optimizer step (a kill)
 
@@ -178,33 +189,39 @@ def _reduce_metrics(sums: dict[str, float], count: int, world_size: int, device:
 def train_stage(run: Run, spec: StageSpec) -> Path:
     """Train one stage of the table end to end (the steps are this module's functions of the same names)."""
     plan = prepare_stage(run, spec)
+    trained = trained_fraction(plan.lm, plan.masks)  # before the engine partitions the parameters (ZeRO-3)
     engine = build_engine(run, plan)
     refs = reference_logprobs(run, plan, engine)
-    train_loop(run, plan, engine, refs)
-    return finish_stage(run, plan, engine)
+    last = train_loop(run, plan, engine, refs)
+    out = finish_stage(run, plan, engine)
+    run.notes[spec.name] = {"steps": plan.total_steps, "metrics": last, "trained_fraction": trained, "output": out}
+    return out
 
 
 def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
     """Everything before the engine: masks (checked against the model), data split, model, settings, resume point,
     data order and the number of optimizer steps."""
     cfg, args, stage = run.cfg, run.cfg.section(spec.name), spec.name
-    masks, masks_source = stage_masks(run, stage) if spec.needs_masks else (None, "")
-    in_dir = start_model_dir(cfg, stage)
+    with input_errors():  # bad masks or data are the user's to fix: one line from the CLI
+        masks, masks_source = stage_masks(run, stage) if spec.needs_masks else (None, "")
+        in_dir = start_model_dir(cfg, stage)
     clear_stage_done(run, stage)
     if args.data_path is None:
-        raise ValueError(f"config key '{stage}.data_path' is required for the {stage} stage")
+        raise InputError(f"config key '{stage}.data_path' is required for the {stage} stage")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or in_dir)
-    features = spec.data(cfg, args, tokenizer, run.device)
+    with input_errors():
+        features = spec.data(cfg, args, tokenizer, run.device)
     train, held_out = D.train_eval_split(features, eval_fraction=args.eval_fraction, seed=cfg.seed)
     if not train:
-        raise ValueError(f"{stage}.data_path {args.data_path!r} holds no training example")
+        raise InputError(f"{stage}.data_path {args.data_path!r} holds no training example")
 
     lm = load_causal_lm(in_dir, dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     sparsity, deltas = None, None
     if masks is not None:
-        check_masks_match_model(masks, lm, source=masks_source)
+        with input_errors():
+            check_masks_match_model(masks, lm, source=masks_source)
         sparsity, deltas = choose_sparsity(run, stage, lm, masks)
 
     settings = training_settings(cfg, stage)
@@ -331,10 +348,11 @@ def reference_logprobs(run: Run, plan: StagePlan, engine) -> References:
     return References(train=all_rows[:n_train], held_out=all_rows[n_train:])
 
 
-def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
+def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> dict[str, float]:
     """Optimizer steps from the resume point (or 0) to ``total_steps``: each one ``gradient_accumulation_steps``
     micro-batches through the stage's loss; metrics every ``logging_steps``, held-out evaluation every
-    ``eval_steps``, a checkpoint every ``save_steps``."""
+    ``eval_steps``, a checkpoint every ``save_steps``. Progress: a tqdm bar on a terminal, else a log line at every
+    logging step. Returns the last logged metrics (with the last held-out ones), {} when no step ran."""
     cfg, args, stage, sampler, total = run.cfg, plan.args, plan.stage, plan.sampler, plan.total_steps
     collator = plan.collator
     loader = torch.utils.data.DataLoader(
@@ -363,10 +381,13 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
     crash_after = int(crash_step) if crash_stage == stage and crash_step else 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc=stage, disable=run.rank != 0, dynamic_ncols=True)
+    bars = progress_bars()
+    bar = tqdm(total=total, initial=step, desc=stage, disable=run.rank != 0 or not bars, dynamic_ncols=True)
     batches = iter(loader)
     sums: dict[str, float] = {}
     count = 0
+    last: dict[str, float] = {}
+    lines = ProgressLines(stage, total, step, run.say)
     try:
         while step < total:
             engine.train()
@@ -394,9 +415,14 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
                     logged["grad_norm"] = float(grad_norm)
                 logger.log(step, logged)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                if not bars:
+                    lines.update(step, logged)
+                last.update(logged)
                 sums, count = {}, 0
             if plan.held_out and (step % (args.eval_steps or args.logging_steps) == 0 or step == total):
-                logger.log(step, evaluate(run, plan, engine, loss_of, collator, refs.held_out))
+                held = evaluate(run, plan, engine, loss_of, collator, refs.held_out)
+                logger.log(step, held)
+                last.update(held)
             if step % args.save_steps == 0 and step < total:
                 plan.checkpoints.save(
                     step,
@@ -413,6 +439,7 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
     finally:  # on an error, end the bar's line first so the error message starts a line of its own
         bar.close()
         logger.close()
+    return last
 
 
 def finish_stage(run: Run, plan: StagePlan, engine) -> Path:
@@ -436,7 +463,7 @@ def finish_stage(run: Run, plan: StagePlan, engine) -> Path:
             model, plan.tokenizer, plan.out_dir, state_dict=sd, before_save=before_save, write_extra=write_masks
         )
         stage_dir = run.cfg.stage_dir(plan.stage)
-        plot_loss_curves(stage_dir / "metrics.jsonl", stage_dir)
+        plot_loss_curves(stage_dir / "metrics.jsonl", stage_dir, loss_name=loss_label(plan.spec, plan.args))
         info = {"trainable_state_bytes": state_bytes}
         if plan.sparsity is not None:
             info["sparsity"] = plan.sparsity
@@ -508,19 +535,29 @@ def evaluate(run: Run, plan: StagePlan, engine, loss_of, collator, held_ref) -> 
 
 # ----------------------------------------------------------------------------------------------------- entry points
 def run_stage(cfg: TrainConfig, stage: str) -> Path:
+    check_inputs(cfg, [stage])
     run = start_run(cfg)
     with output_dir_lock(run):
-        return _run_stage(run, stage)
+        out = _run_stage(run, stage)
+        run.say(summary_table(run, [stage]))
+        return out
 
 
 def _run_stage(run: Run, stage: str) -> Path:
     torch.manual_seed(run.cfg.seed)
     spec = STAGES[stage]
-    return (spec.runner or train_stage)(run, spec)
+    started = time.perf_counter()
+    out = (spec.runner or train_stage)(run, spec)
+    note = run.notes.setdefault(stage, {})
+    note["seconds"] = time.perf_counter() - started
+    note.setdefault("output", out)
+    return out
 
 
 def run_pipeline(cfg: TrainConfig) -> list[Path]:
     """Run cfg.pipeline.stages in order; with resume_from_checkpoint, finished stages are skipped."""
+    finished = {s: stage_done(cfg, s) for s in cfg.pipeline.stages} if cfg.resume_from_checkpoint else {}
+    check_inputs(cfg, [s for s in cfg.pipeline.stages if finished.get(s) is None], finished=[*finished])
     run = start_run(cfg)
     outputs = []
     with output_dir_lock(run):
@@ -528,10 +565,141 @@ def run_pipeline(cfg: TrainConfig) -> list[Path]:
             done = stage_done(cfg, stage) if cfg.resume_from_checkpoint else None
             if done is not None:
                 run.say(f"{stage}: already finished ({done}), skipped")
+                run.notes[stage] = {"output": done, "skipped": True}
                 outputs.append(done)
                 continue
             outputs.append(_run_stage(run, stage))
         if run.rank == 0:
             summary = {s: str(p) for s, p in zip(cfg.pipeline.stages, outputs)}
             write_durable(Path(cfg.output_dir) / "pipeline.json", json.dumps(summary, indent=2).encode())
+        run.say(summary_table(run, cfg.pipeline.stages))
     return outputs
+
+
+# ----------------------------------------------------------------------------------------------------- before, after
+def check_inputs(cfg: TrainConfig, stages: list[str], *, finished: list[str] = ()) -> None:
+    """What a run reads, checked before it starts (no process group, no model, no engine yet), so a wrong path or a
+    broken data file stops it at once, not after hours of an earlier stage: the starting model of each stage (unless
+    an earlier stage of this run writes it), the tokenizer, locate's models, the scoring model, the DeepSpeed config
+    and every data file (it exists, is not empty, and each non-blank line is a JSON object; the first bad line is
+    named). ``finished``: stages whose outputs exist already. Fields inside the lines are checked when each stage
+    loads its data (before its engine). Raises :class:`InputError` (one line from the CLI, exit 2)."""
+    written = set(finished)
+    read: set[Path] = set()
+    with input_errors():
+        resolve_deepspeed_config(cfg)
+        if cfg.tokenizer_name_or_path is not None:
+            _check_model_dir(cfg.tokenizer_name_or_path, "config key 'tokenizer_name_or_path'", file="")
+        for stage in stages:
+            for path, what, hint in _models_read(cfg, stage, written):
+                _check_model_dir(path, what, hint=hint)
+            data_path, key = _data_read(cfg, stage)
+            if data_path is not None and Path(data_path) not in read:
+                _check_data_file(data_path, key)
+                read.add(Path(data_path))
+            written.add(stage)
+
+
+def _models_read(cfg: TrainConfig, stage: str, written: set[str]) -> list[tuple[Path, str, str]]:
+    """(directory, what it is, a hint) of each model ``stage`` reads that no stage in ``written`` writes."""
+    section = cfg.section(stage)
+    out = []
+
+    def stage_output(source: str, why: str) -> None:
+        if source not in written:
+            out.append((model_dir(cfg, source), f"{stage} {why} {source}'s output", f"; run {source} first"))
+
+    start = getattr(section, "start_model", None) if stage == "locate" else None
+    source = start_model_source(cfg, stage)
+    if start:
+        out.append((Path(start), f"config key '{stage}.start_model'", ""))
+    elif source is not None:
+        stage_output(source, "starts from")
+    else:
+        out.append((start_model_dir(cfg, stage), "config key 'model_name_or_path'", ""))
+    if stage == "locate" and section.importance == "delta":
+        if section.warm_model:
+            out.append((Path(section.warm_model), f"config key '{stage}.warm_model'", ""))
+        else:
+            stage_output("warmup", "compares with")
+    if getattr(section, "token_weight_source", None) == "scoring_model":
+        out.append((Path(section.scoring_model), f"config key '{stage}.scoring_model'", ""))
+    return out
+
+
+def _data_read(cfg: TrainConfig, stage: str) -> tuple[str | None, str]:
+    """(the data file ``stage`` reads or None, its config key); InputError when a stage that needs one has none."""
+    section = cfg.section(stage)
+    if stage == "locate":
+        if section.importance != "grad":
+            return None, ""
+        key = "locate.data_path" if section.data_path else "warmup.data_path"
+        path = section.data_path or cfg.warmup.data_path
+        if path is None:
+            raise InputError("config key 'locate.data_path' (or warmup.data_path) is required for importance 'grad'")
+        return path, key
+    path = getattr(section, "data_path", None)
+    if path is None and STAGES[stage].runner is None:
+        raise InputError(f"config key '{stage}.data_path' is required for the {stage} stage")
+    return path, f"{stage}.data_path"
+
+
+def _check_model_dir(path: str | Path, what: str, *, file: str = "config.json", hint: str = "") -> None:
+    path = Path(path)
+    if not path.is_dir():
+        problem = "does not exist" if not path.exists() else "is not a directory"
+        raise InputError(f"{what}: {str(path)!r} {problem} (expected a local Hugging Face model directory){hint}")
+    if file and not (path / file).is_file():
+        raise InputError(f"{what}: {str(path)!r} has no {file}, so it is not a Hugging Face model directory{hint}")
+
+
+def _check_data_file(path: str | Path, key: str) -> None:
+    path = Path(path)
+    if not path.is_file():
+        problem = "does not exist" if not path.exists() else "is not a file"
+        raise InputError(f"config key '{key}': data file {str(path)!r} {problem}")
+    if sum(1 for _ in D.read_jsonl(path)) == 0:  # every line parsed: a ValueError names the first bad one
+        raise InputError(f"config key '{key}': data file {str(path)!r} is empty (no JSON line)")
+
+
+def trained_fraction(lm: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -> float:
+    """Share of the model's weights a stage may change: 1.0 without masks, else what the masks select (a row mask
+    selects whole rows)."""
+    params = dict(lm.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    if masks is None:
+        return 1.0
+    selected = sum(int(m.sum()) * (params[n].numel() // max(m.numel(), 1)) for n, m in masks.items() if n in params)
+    return selected / max(total, 1)
+
+
+def _number(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+def summary_table(run: Run, stages: list[str]) -> str:
+    """What each stage of this run did, one line per stage: the loss it trained and its final value (the last
+    logged step), the final reward margin of preference stages, the share of weights trained, the time, the output."""
+    head = ("stage", "steps", "objective", "final loss", "reward margin", "trained", "time", "output")
+    rows = [head]
+    for stage in stages:
+        note = run.notes.get(stage, {})
+        metrics = note.get("metrics", {})
+        spec = STAGES[stage]
+        trained = note.get("trained_fraction")
+        rows.append(
+            (
+                stage,
+                str(note.get("steps", "-")),
+                loss_label(spec, run.cfg.section(stage)) if spec.runner is None else "-",
+                _number(metrics, "loss"),
+                _number(metrics, "rewards/margins"),
+                "-" if trained is None else f"{100 * trained:.1f}%",
+                "finished earlier" if note.get("skipped") else format_seconds(note.get("seconds", 0.0)),
+                str(note.get("output", "-")),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "summary:\n" + "\n".join("  " + line for line in lines)

@@ -12,7 +12,7 @@ from allo_train.demo import QUICK, exact_match, make_problems, run_demo
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
+    out = tmp_path_factory.mktemp("demo") / "demo_out"  # the name `make demo` uses: the CLI example reads it
     # The CLI runs the ops' torch path on CPU; the conftest's TRITON_INTERPRET=1 would put them under the (slow)
     # Triton interpreter instead. "native" = torch ops + the native SparseAdamW kernel, as a plain CPU run uses.
     mp = pytest.MonkeyPatch()
@@ -188,3 +188,38 @@ def test_cli_demo_refuses_a_users_directory(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.startswith(f"allo-train: error: demo: --output-dir {tmp_path} is not empty")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_the_readme_cli_example_runs_on_what_the_demo_leaves(demo):
+    """The README's third command, `allo-train pipeline --config examples/allo_demo.yaml` next to demo_out/, on the
+    quick demo's model and data with two steps per stage: exit 0, progress as log lines (stdout is a pipe, not a
+    terminal: no tqdm carriage returns) and a summary row per stage naming where its output is."""
+    import os
+    import subprocess
+    import sys
+
+    out, _ = demo
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    command = "allo-train pipeline --config examples/allo_demo.yaml"
+    assert command in readme.split("## Quick start", 1)[1].split("```", 2)[1]  # the third command of the quick start
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "ALLO_KERNELS_BACKEND": "native"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    steps = ["warmup.max_steps=2", "forget.max_steps=2", "improve.max_steps=2"]
+    argv = [sys.executable, "-m", "allo_train.cli", "pipeline", "--config", str(root / "examples" / "allo_demo.yaml")]
+    r = subprocess.run([*argv, *steps], cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run_dir = out.parent / "outputs" / "allo-demo"
+    assert "\r" not in r.stdout and "\r" not in r.stderr
+    assert "[allo-train] improve: step 2/2 (100%) loss " in r.stdout
+    summary = r.stdout.split("[allo-train] summary:\n", 1)[1].splitlines()
+    assert summary[0].split()[:3] == ["stage", "steps", "objective"]
+    rows = {line.split()[0]: line for line in summary[1:5]}
+    assert list(rows) == ["warmup", "locate", "forget", "improve"]
+    for stage in ("warmup", "forget", "improve"):
+        assert rows[stage].split()[1] == "2" and rows[stage].endswith(f"outputs/allo-demo/{stage}/model")
+        assert (run_dir / stage / "model" / "model.safetensors").is_file()
+    assert "DPO, 40% of rejected tokens dropped" in rows["improve"]
+    assert rows["locate"].endswith("outputs/allo-demo/locate/masks.safetensors")

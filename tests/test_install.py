@@ -88,6 +88,15 @@ def test_allo_train_entry_exits_2_and_runs_the_cli_when_the_extra_is_there():
     assert run.stdout.startswith("usage: allo-train")
 
 
+def test_python_m_allo_train_cli_checks_the_train_extra_too():
+    # `make demo` and the deepspeed launcher run the module, not the console script.
+    code = "import runpy\nrunpy.run_module('allo_train.cli', run_name='__main__')\n"
+    run = _python(code, "allo-train", "pipeline", "--config", "cfg.yaml", blocked=("yaml",))
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.splitlines()
+    assert line.startswith("allo-train: the training CLI needs the train extra") and "'yaml'" in line
+
+
 def test_numpy_is_a_core_dependency_and_imports_print_no_numpy_warning():
     assert "numpy" in {_requirement_name(s) for s in _pyproject()["project"]["dependencies"]}
     run = _python("import torch", blocked=("numpy",))  # what every import printed in a torch-only environment

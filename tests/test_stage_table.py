@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def field_choices(section: type, name: str) -> tuple:
-    return next(f for f in dataclasses.fields(section) if f.name == name).metadata["choices"]
+    return config.choices_of(next(f for f in dataclasses.fields(section) if f.name == name).metadata)
 
 
 def test_config_sections_and_cli_commands_are_the_table():

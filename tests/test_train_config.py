@@ -27,9 +27,13 @@ def test_defaults_resolve_stage_fields_from_top_level():
     assert cfg.pipeline.stages == ["warmup", "locate", "forget", "improve"]
     for stage in ("sft", "correct", "warmup", "forget", "improve"):
         section = getattr(cfg, stage)
-        assert section.learning_rate == cfg.learning_rate == 5e-6
         assert section.max_length == 1024 and section.max_prompt_length == 512
         assert section.per_device_train_batch_size == 1
+    # A stage's own default (ALLO's published settings; Aligner's for correct) where it has one, else the top level's.
+    assert cfg.sft.learning_rate == cfg.learning_rate == 5e-6 and cfg.sft.lr_scheduler_type == "linear"
+    rates = {s: getattr(cfg, s).learning_rate for s in ("warmup", "forget", "improve", "correct")}
+    assert rates == {"warmup": 1e-6, "forget": 5e-7, "improve": 5e-6, "correct": 2e-5}
+    assert cfg.improve.mask_fraction == 0.9 and cfg.improve.mask_by == "highest"
     assert cfg.warmup.beta == cfg.improve.beta == cfg.forget.beta == 0.1
     assert cfg.improve.loss_type == "sigmoid"
     assert cfg.forget.ratio == cfg.improve.ratio == cfg.locate.ratio == 0.05
@@ -59,8 +63,20 @@ def test_yaml_stage_values_override_top_level_and_cli_overrides_yaml(tmp_path):
     assert cfg.improve.learning_rate == 1e-5
     assert cfg.bf16 is True
     assert cfg.forget.ratio == 0.1 and cfg.improve.ratio == 0.03  # N1 explicit, N2 from locate.ratio
+    assert cfg.improve.lr_scheduler_type == "cosine"  # the stage's own default: the top level does not set it
     assert cfg.locate.granularity == "row"
     assert resolve_deepspeed_config(cfg) == {"zero_optimization": {"stage": 2}}
+
+
+def test_a_top_level_value_that_is_set_overrides_the_stages_own_defaults(tmp_path):
+    cfg = load_config(None, {"learning_rate": 1e-4, "warmup_ratio": 0.0})
+    for stage in ("sft", "correct", "warmup", "forget", "improve"):
+        assert getattr(cfg, stage).learning_rate == 1e-4 and getattr(cfg, stage).warmup_ratio == 0.0
+    assert cfg.forget.lr_scheduler_type == "cosine" and cfg.sft.lr_scheduler_type == "linear"
+    cfg = load_config(None, {"learning_rate": 1e-4, "forget.learning_rate": 3e-7})
+    assert cfg.forget.learning_rate == 3e-7 and cfg.improve.learning_rate == 1e-4  # the section's own value wins
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert config_to_dict(load_config(tmp_path / "resolved.yaml")) == config_to_dict(cfg)
 
 
 def test_parse_overrides_forms():
@@ -138,7 +154,7 @@ def test_training_settings_hold_what_changes_the_result_and_not_the_cadence():
     from allo_train.config import settings_differences, training_settings
 
     base = training_settings(load_config(None, {"deepspeed": {"zero_optimization": {"stage": 2}}}), "forget")
-    assert base["forget.learning_rate"] == 5e-6 and base["deepspeed.zero_optimization"] == {"stage": 2}
+    assert base["forget.learning_rate"] == 5e-7 and base["deepspeed.zero_optimization"] == {"stage": 2}
     assert base["seed"] == 42 and base["forget.data_path"] is None and "forget.logging_steps" not in base
     json.dumps(base)  # stored in trainer_state.json
     cadence = {"logging_steps": 3, "save_steps": 7, "eval_steps": 2, "save_total_limit": 5, "output_dir": "else"}
@@ -150,7 +166,7 @@ def test_training_settings_hold_what_changes_the_result_and_not_the_cadence():
     assert settings_differences(base, changed) == [
         'deepspeed.zero_optimization: {"stage": 2} (checkpoint) -> {"stage": 0} (now)',
         "forget.beta: 0.1 (checkpoint) -> 0.5 (now)",
-        "forget.learning_rate: 5e-06 (checkpoint) -> 0.002 (now)",
+        "forget.learning_rate: 5e-07 (checkpoint) -> 0.002 (now)",
         "seed: 42 (checkpoint) -> 1 (now)",
     ]
     assert settings_differences({"a": 1}, {"b": 1}) == [

@@ -123,6 +123,22 @@ def test_malformed_preference_line_names_file_and_line(tmp_path, line, fragment)
     assert str(err.value).startswith(f"{path}:2: ") and fragment in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "a", "chosen": "b"', "invalid JSON at column 30 (the end of the line): Expecting ',' delimiter"),
+        ('{"prompt": "a",, "chosen": "b"}', "invalid JSON at column 16: Expecting property name"),
+        ('{"prompt": tru}\r', "invalid JSON at column 12: Expecting value"),
+    ],
+)
+def test_invalid_json_names_the_column_within_the_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line.encode() + b"\n")
+    with pytest.raises(ValueError) as err:
+        data.load_preference_jsonl(path)
+    assert str(err.value).startswith(f"{path}:2: {message}")
+
+
 def test_forgetting_token_weights_align_with_labels_and_length_mismatch_names_line(tmp_path, tok):
     path = write_jsonl(
         tmp_path / "f.jsonl",
