@@ -43,12 +43,15 @@ round), with paired ratios (contender time / allo time within a round; median an
 contender in a subprocess of its own (CPU: peak RSS during one call after a warm-up call, ``VmHWM`` reset through
 ``/proc/self/clear_refs``, minus the RSS just before it; CUDA: ``max_memory_allocated``). Cases (``CASES`` below): SFT
 cross-entropy N=8192, H=1024, V=32000 in fp32 and bf16 against eager and CCE (and allo with ``retain_logits_bytes=0``,
-every row's logits recomputed in the backward), and in bf16 at N=256 too, small enough for eager and CCE to finish
-on CPUs without native bf16 GEMMs; sigmoid DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90%
+every row's logits recomputed in the backward), and in bf16 at N=16 too, small enough for eager and CCE to finish
+on CPUs without native bf16 GEMMs (there torch's emulated bf16 dH GEMM alone takes ~1 s per row at H=1024,
+V=32000); sigmoid DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90%
 of each rejected response's tokens dropped (ALLO's improving-stage mask), lm_head trainable and frozen, against
 Liger's compiled chunked DPO and the eager TRL path; token-weighted NPO (ALLO's forgetting stage) with all and with
-20% of the weights nonzero. A contender ``allo_retain<MiB>`` (e.g. ``--impls allo allo_retain0 allo_retain512``) is
-allo with ``retain_logits_bytes`` set to that many MiB.
+20% of the weights nonzero; ``dpo_fp32_drop90`` is the 90%-dropped DPO ratio alone. ``--save`` and ``--json``
+merge into an existing report: cases not run keep their entries, each with the metadata of its own run. A
+contender ``allo_retain<MiB>`` (e.g. ``--impls allo allo_retain0 allo_retain512``) is allo
+with ``retain_logits_bytes`` set to that many MiB.
 """
 
 from __future__ import annotations
@@ -368,13 +371,15 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
 CASES: dict[str, tuple[str, dict[str, int], torch.dtype, tuple[str, ...]]] = {
     "ce_fp32": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.float32, ("allo", "allo_retain0", "eager", "cce")),
     "ce_bf16": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
-    "ce_bf16_small": ("ce", {"N": 256, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
+    "ce_bf16_small": ("ce", {"N": 16, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
     "dpo_fp32": (
         "dpo",
         {"B": 4, "T": 512, "H": 1024, "V": 32000},
         torch.float32,
         ("allo", "allo_prompt40", "allo_drop90", "allo_frozen", "allo_drop90_frozen", "liger", "eager_hf"),
     ),
+    # the 90%-dropped ratio alone (two contenders: shorter rounds, less drift between the paired calls)
+    "dpo_fp32_drop90": ("dpo", {"B": 4, "T": 512, "H": 1024, "V": 32000}, torch.float32, ("allo", "allo_drop90")),
     "npo_fp32": (
         "npo",
         {"B": 8, "T": 512, "H": 1024, "V": 32000},
@@ -560,10 +565,12 @@ def run_standalone(cases: list[str], rounds: int, impls: list[str] | None = None
 
     from benchmarks.conftest import environment_metadata
 
-    report = {"metadata": environment_metadata(DEVICE), "rounds": rounds, "cases": {}}
+    metadata = environment_metadata(DEVICE)
+    report = {"metadata": metadata, "rounds": rounds, "cases": {}}
     for case in cases:
         kind, shape, dtype, contenders = CASES[case]
-        entry = {"kind": kind, "shape": shape, "dtype": dtype_name(dtype), "contenders": {}}
+        entry = {"kind": kind, "shape": shape, "dtype": dtype_name(dtype), "rounds": rounds, "metadata": metadata}
+        entry["contenders"] = {}
         report["cases"][case] = entry
         live = {}
         for impl in impls or contenders:
@@ -643,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     report = run_standalone(args.cases, args.rounds, args.impls)
+    if out.exists():
+        # Cases not run this time keep their earlier entries (each entry carries the metadata of its own run).
+        report["cases"] = {**json.loads(out.read_text()).get("cases", {}), **report["cases"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(
