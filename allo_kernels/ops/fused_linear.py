@@ -488,7 +488,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------------- public API
-def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, temperature, gather, retain):
+def _validate_linear(hidden, weight, labels, bias, chunk_size, retain, ignore_index, temperature, gather):
     hidden = check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)
     weight = check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
     labels = check_tensor("labels", labels)
@@ -574,15 +574,7 @@ def fused_linear_token_logprobs(
     them (hidden and weight may then differ in dtype), and recomputed in it in the backward wherever that runs.
     """
     hidden, weight, labels, bias, temperature, gather = _validate_linear(
-        hidden,
-        weight,
-        labels,
-        bias,
-        chunk_size,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        gather=gather,
-        retain=retain_logits_bytes,
+        hidden, weight, labels, bias, chunk_size, retain_logits_bytes, ignore_index, temperature, gather
     )
     return _fused_logprobs(
         hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather, retain_logits_bytes
@@ -610,15 +602,7 @@ def fused_linear_token_scores(
     """The fused-linear twin of ``token_scores``: same options, same ``TokenScores``, from hidden [B, T, H]
     (``chunk_size``, ``retain_logits_bytes`` and ``gather`` as in ``fused_linear_token_logprobs``)."""
     hidden, weight, labels, bias, temperature, gather = _validate_linear(
-        hidden,
-        weight,
-        labels,
-        bias,
-        chunk_size,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        gather=gather,
-        retain=retain_logits_bytes,
+        hidden, weight, labels, bias, chunk_size, retain_logits_bytes, ignore_index, temperature, gather
     )
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (3 dimensions), got {describe(hidden)}")
