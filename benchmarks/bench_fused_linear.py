@@ -652,7 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     report = run_standalone(args.cases, args.rounds, args.impls)
     if out.exists():
         # Cases not run this time keep their earlier entries (each entry carries the metadata of its own run).
-        report["cases"] = {**json.loads(out.read_text()).get("cases", {}), **report["cases"]}
+        earlier = json.loads(out.read_text())
+        for entry in earlier.get("cases", {}).values():
+            entry.setdefault("rounds", earlier.get("rounds"))
+            entry.setdefault("metadata", earlier.get("metadata"))
+        report["cases"] = {**earlier.get("cases", {}), **report["cases"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(
