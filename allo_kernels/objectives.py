@@ -27,17 +27,20 @@ PREFERENCE_LOSS_TYPES = (*losses.DPO_LOSS_TYPES, "simpo")
 MASK_SIDES = ("rejected", "chosen", "both", "none")
 
 
-def _scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, gather, **kw) -> TokenScores:
+def _fused_options(chunk_size, retain_logits_bytes, gather) -> dict:
+    """The fused-linear options (used only with ``lm_head_weight``)."""
+    return dict(chunk_size=chunk_size, retain_logits_bytes=retain_logits_bytes, gather=gather)
+
+
+def _scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict, **kw) -> TokenScores:
     if lm_head_weight is None:
         if lm_head_bias is not None:
             raise ValueError("lm_head_bias was given without lm_head_weight")
         return token_scores(policy, labels, **kw)
-    return fused_linear_token_scores(
-        policy, lm_head_weight, labels, bias=lm_head_bias, chunk_size=chunk_size, gather=gather, **kw
-    )
+    return fused_linear_token_scores(policy, lm_head_weight, labels, bias=lm_head_bias, **fused, **kw)
 
 
-def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, gather, sides, **common):
+def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict, sides, **common):
     """Scores of both halves of a ``[chosen; rejected]`` batch from ONE fused-linear call over all its rows (one chunk
     loop, one kept chunk, one cast of the lm_head), split afterwards; ``sides`` = per-half options."""
     half = labels.shape[0] // 2
@@ -60,8 +63,7 @@ def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size,
         bias=lm_head_bias,
         ignore_index=common["ignore_index"],
         temperature=common["temperature"],
-        chunk_size=chunk_size,
-        gather=gather,
+        **fused,
     )
     use_triton = select_backend(policy.device) == "triton"
     return [
@@ -109,6 +111,7 @@ def preference_loss(
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    retain_logits_bytes: int | None = None,
     gather: ParamGather | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss (optionally ALLO's DPO with tokens dropped) for a ``[chosen; rejected]`` batch.
@@ -123,8 +126,9 @@ def preference_loss(
         mask_fraction, mask_by, mask_scope: the token drop of ``token_scores``; ``mask_side`` says which responses
             it applies to ("rejected" is ALLO's improving stage: use ``mask_fraction = 1 - eps``,
             ``mask_by="highest"`` to keep the ``eps`` lowest-reward rejected tokens).
-        gather: with ``lm_head_weight``, the gather context of a partitioned lm_head (see
-            ``fused_linear_token_logprobs``; None: ``integrations.DEFAULT_GATHER``).
+        chunk_size, retain_logits_bytes, gather: with ``lm_head_weight``, the options of
+            ``fused_linear_token_logprobs`` (rows per chunk, the budget of logits retained from the forward for the
+            backward, the gather context of a partitioned lm_head); unused without it.
 
     Returns:
         ``(loss, metrics)`` with TRL's metric names (plus ``tokens/chosen`` and ``tokens/rejected``).
@@ -147,10 +151,11 @@ def preference_loss(
         dict(ref_logprobs=ref_r, weights=w_r, mask_fraction=frac_r),
     )
     if lm_head_weight is not None:
-        c, r = _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, chunk_size, gather, sides, **common)
+        fused = _fused_options(chunk_size, retain_logits_bytes, gather)
+        c, r = _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused, sides, **common)
     else:
         c, r = (
-            _scores(p, lab, None, lm_head_bias, chunk_size, None, **side, **common)
+            _scores(p, lab, None, lm_head_bias, {}, **side, **common)
             for p, lab, side in zip((policy_c, policy_r), (labels_c, labels_r), sides)
         )
 
@@ -215,21 +220,21 @@ def forgetting_loss(
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    retain_logits_bytes: int | None = None,
     gather: ParamGather | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ALLO's forgetting stage on a batch of responses to forget: token-weighted NPO.
 
     ``loss = sum_bt -w_bt * logsigmoid(-beta * (logp_bt - ref_bt)) / #{w_bt != 0}`` (0 when all weights are 0);
-    ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says. ``gather`` as in
-    :func:`preference_loss`.
+    ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says. ``chunk_size``,
+    ``retain_logits_bytes`` and ``gather`` as in :func:`preference_loss`.
     """
     s = _scores(
         policy,
         labels,
         lm_head_weight,
         lm_head_bias,
-        chunk_size,
-        gather,
+        _fused_options(chunk_size, retain_logits_bytes, gather),
         ref_logprobs=ref_logprobs,
         weights=weights,
         beta=beta,

@@ -36,15 +36,22 @@ kernel needs a GPU. DESIGN targets (GPU, B=16 pairs, T=1024, H=4096, V=128256, b
 Peak memory is the harness's: what one call allocates beyond its inputs (hidden, weight, labels, reference tensors),
 the returned gradients included. Labels are all valid.
 
-Run as a script (``python -m benchmarks.bench_fused_linear --json benchmarks/results/cpu-fused_linear.json``) it
-measures the issue-17 table instead: every contender of a case alive in one process and timed round-robin (the order
-reversed every other round), with paired ratios (contender time / allo time within a round; median and range), and
-the peak memory of each contender in a subprocess of its own (CPU: peak RSS during one call after a warm-up call,
-``VmHWM`` reset through ``/proc/self/clear_refs``, minus the RSS just before it; CUDA: ``max_memory_allocated``).
-Cases (``CASES`` below): SFT cross-entropy N=8192, H=1024, V=32000 in fp32 and bf16 against eager and CCE; sigmoid
-DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90% of each rejected response's tokens
-dropped (ALLO's improving-stage mask), lm_head trainable and frozen, against Liger's compiled chunked DPO and the
-eager TRL path; token-weighted NPO (ALLO's forgetting stage) with all and with 20% of the weights nonzero.
+Run as a script (``python -m benchmarks.bench_fused_linear``; ``--save`` writes the committed
+``benchmarks/results/<device>-fused_linear.json``, by default the scratch results folder) it measures the issue-17
+table instead: every contender of a case alive in one process and timed round-robin (the order reversed every other
+round), with paired ratios (contender time / allo time within a round; median and range), and the peak memory of each
+contender in a subprocess of its own (CPU: peak RSS during one call after a warm-up call, ``VmHWM`` reset through
+``/proc/self/clear_refs``, minus the RSS just before it; CUDA: ``max_memory_allocated``). Cases (``CASES`` below): SFT
+cross-entropy N=8192, H=1024, V=32000 in fp32 and bf16 against eager and CCE (and allo with ``retain_logits_bytes=0``,
+every row's logits recomputed in the backward), and in bf16 at N=16 too, small enough for eager and CCE to finish
+on CPUs without native bf16 GEMMs (there torch's emulated bf16 dH GEMM alone takes ~1 s per row at H=1024,
+V=32000); sigmoid DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90%
+of each rejected response's tokens dropped (ALLO's improving-stage mask), lm_head trainable and frozen, against
+Liger's compiled chunked DPO and the eager TRL path; token-weighted NPO (ALLO's forgetting stage) with all and with
+20% of the weights nonzero; ``dpo_fp32_drop90`` is the 90%-dropped DPO ratio alone. ``--save`` and ``--json``
+merge into an existing report: cases not run keep their entries, each with the metadata of its own run. A
+contender ``allo_retain<MiB>`` (e.g. ``--impls allo allo_retain0 allo_retain512``) is allo
+with ``retain_logits_bytes`` set to that many MiB.
 """
 
 from __future__ import annotations
@@ -111,8 +118,8 @@ def eager_ce(hidden, weight, labels, ignore_index: int = -100):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
 
 
-def allo_ce(hidden, weight, labels):
-    logp = allo_kernels.fused_linear_token_logprobs(hidden, weight, labels)
+def allo_ce(hidden, weight, labels, **options):
+    logp = allo_kernels.fused_linear_token_logprobs(hidden, weight, labels, **options)
     return allo_kernels.losses.sft_loss(logp, labels != -100)[0]
 
 
@@ -362,14 +369,17 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
 # ------------------------------------------------------------------------------------ the issue-17 table (a script)
 # case -> (kind, shape, dtype, contenders). allo is the first contender of every case: ratios are against it.
 CASES: dict[str, tuple[str, dict[str, int], torch.dtype, tuple[str, ...]]] = {
-    "ce_fp32": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.float32, ("allo", "eager", "cce")),
+    "ce_fp32": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.float32, ("allo", "allo_retain0", "eager", "cce")),
     "ce_bf16": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
+    "ce_bf16_small": ("ce", {"N": 16, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
     "dpo_fp32": (
         "dpo",
         {"B": 4, "T": 512, "H": 1024, "V": 32000},
         torch.float32,
         ("allo", "allo_prompt40", "allo_drop90", "allo_frozen", "allo_drop90_frozen", "liger", "eager_hf"),
     ),
+    # the 90%-dropped ratio alone (two contenders: shorter rounds, less drift between the paired calls)
+    "dpo_fp32_drop90": ("dpo", {"B": 4, "T": 512, "H": 1024, "V": 32000}, torch.float32, ("allo", "allo_drop90")),
     "npo_fp32": (
         "npo",
         {"B": 8, "T": 512, "H": 1024, "V": 32000},
@@ -391,7 +401,28 @@ _STANDALONE_NOTES = {
 }
 
 
+# Cases small enough for eager and CCE to finish where half GEMMs are emulated (CPUs without AVX512-BF16/AMX).
+_SMALL_ENOUGH_FOR_EMULATED_HALF = {"ce_bf16_small"}
 _SAME_LOSS_AS_ALLO = {"eager", "cce", "liger", "eager_hf", "allo_frozen"}
+_RETAIN_PREFIX = "allo_retain"
+
+
+def retain_option(impl: str) -> dict:
+    """``allo_retain<MiB>`` -> {"retain_logits_bytes": MiB << 20}; {} for every other contender."""
+    if not impl.startswith(_RETAIN_PREFIX):
+        return {}
+    mib = impl[len(_RETAIN_PREFIX) :]
+    if not mib.isdigit():
+        raise ValueError(f"contender {impl!r}: expected {_RETAIN_PREFIX}<MiB>, e.g. {_RETAIN_PREFIX}512")
+    return {"retain_logits_bytes": int(mib) << 20}
+
+
+def contender_note(impl: str) -> str | None:
+    if impl.startswith(_RETAIN_PREFIX):
+        mib = retain_option(impl)["retain_logits_bytes"] >> 20
+        recompute_all = " (every row recomputed in the backward)" if mib == 0 else ""
+        return f"allo with retain_logits_bytes={mib} MiB{recompute_all}"
+    return _STANDALONE_NOTES.get(impl)
 
 
 def standalone_skip(case: str, impl: str) -> str | None:
@@ -403,10 +434,10 @@ def standalone_skip(case: str, impl: str) -> str | None:
     if impl in ("eager", "cce", "eager_hf", "liger") and DEVICE.type == "cpu":
         from allo_kernels.ops.fused_linear import native_half_gemm
 
-        if not native_half_gemm(dtype, DEVICE):
+        if not native_half_gemm(dtype, DEVICE) and case not in _SMALL_ENOUGH_FOR_EMULATED_HALF:
             return (
                 f"this CPU has no native {dtype_name(dtype)} GEMM (no AVX512-BF16/AMX: torch falls back to a scalar "
-                "GEMM measured at 0.2-6 GFLOP/s against 50-120 for fp32), so one call would take tens of minutes; "
+                "GEMM measured at 0.1-6 GFLOP/s against 50-120 for fp32), so one call would take tens of minutes; "
                 "allo runs its GEMMs in fp32 there"
             )
     return None
@@ -423,6 +454,8 @@ def standalone_inputs(case: str, impl: str):
         hidden = torch.randn(n, h, device=DEVICE, generator=gen).to(dtype).requires_grad_()
         weight = (torch.randn(v, h, device=DEVICE, generator=gen) * h**-0.5).to(dtype).requires_grad_()
         labels = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
+        if impl.startswith(_RETAIN_PREFIX):
+            return (lambda: allo_ce(hidden, weight, labels, **retain_option(impl))), (hidden, weight)
         fn = {"allo": allo_ce, "eager": eager_ce, "cce": cce_ce}[impl]
         return (lambda: fn(hidden, weight, labels)), (hidden, weight)
     rows, t = (2 * shape["B"], shape["T"]) if kind == "dpo" else (shape["B"], shape["T"])
@@ -438,7 +471,7 @@ def standalone_inputs(case: str, impl: str):
         w_tok = torch.where(keep, torch.rand(rows, t, device=DEVICE, generator=gen), 0.0)
         return (
             lambda: allo_kernels.forgetting_loss(
-                hidden, labels, lm_head_weight=weight, ref_logprobs=ref, weights=w_tok
+                hidden, labels, lm_head_weight=weight, ref_logprobs=ref, weights=w_tok, **retain_option(impl)
             )[0]
         ), leaves
     ref_hidden = (hidden.detach() + 0.1 * torch.randn(hidden.shape, device=DEVICE, generator=gen)).to(dtype)
@@ -452,7 +485,13 @@ def standalone_inputs(case: str, impl: str):
     fraction = 0.9 if "drop90" in impl else 0.0
     return (
         lambda: allo_kernels.preference_loss(
-            hidden, labels, lm_head_weight=weight, ref_logprobs=ref, beta=BETA, mask_fraction=fraction
+            hidden,
+            labels,
+            lm_head_weight=weight,
+            ref_logprobs=ref,
+            beta=BETA,
+            mask_fraction=fraction,
+            **retain_option(impl),
         )[0]
     ), leaves
 
@@ -520,19 +559,21 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run_standalone(cases: list[str], rounds: int) -> dict:
+def run_standalone(cases: list[str], rounds: int, impls: list[str] | None = None) -> dict:
     import statistics
     import time
 
     from benchmarks.conftest import environment_metadata
 
-    report = {"metadata": environment_metadata(DEVICE), "rounds": rounds, "cases": {}}
+    metadata = environment_metadata(DEVICE)
+    report = {"metadata": metadata, "rounds": rounds, "cases": {}}
     for case in cases:
-        kind, shape, dtype, impls = CASES[case]
-        entry = {"kind": kind, "shape": shape, "dtype": dtype_name(dtype), "contenders": {}}
+        kind, shape, dtype, contenders = CASES[case]
+        entry = {"kind": kind, "shape": shape, "dtype": dtype_name(dtype), "rounds": rounds, "metadata": metadata}
+        entry["contenders"] = {}
         report["cases"][case] = entry
         live = {}
-        for impl in impls:
+        for impl in impls or contenders:
             reason = standalone_skip(case, impl)
             if reason:
                 entry["contenders"][impl] = {"status": "skipped", "reason": reason}
@@ -545,7 +586,8 @@ def run_standalone(cases: list[str], rounds: int) -> dict:
             _call(fn, leaves)
             entry["contenders"][impl] = {"status": "ok", "warmup_s": time.perf_counter() - t0, "loss": losses[impl]}
             print(f"[{case}] warm-up {impl}: {time.perf_counter() - t0:.1f} s, loss {losses[impl]:.6f}", flush=True)
-        for impl in live.keys() & _SAME_LOSS_AS_ALLO:  # a fast wrong answer is not a result
+        same_loss = {i for i in live if i in _SAME_LOSS_AS_ALLO or i.startswith(_RETAIN_PREFIX)}
+        for impl in same_loss:  # a fast wrong answer is not a result
             if "allo" in losses and not math.isclose(losses[impl], losses["allo"], rel_tol=1e-3, abs_tol=1e-4):
                 raise AssertionError(f"{case}: {impl} loss {losses[impl]} != allo's {losses['allo']}")
         times = {impl: [] for impl in live}
@@ -567,8 +609,8 @@ def run_standalone(cases: list[str], rounds: int) -> dict:
                     "p10": _percentile(ratios, 0.1),
                     "p90": _percentile(ratios, 0.9),
                 }
-            if _STANDALONE_NOTES.get(impl):
-                row["note"] = _STANDALONE_NOTES[impl]
+            if contender_note(impl):
+                row["note"] = contender_note(impl)
         del live
         free_memory(DEVICE)
         for impl in times:
@@ -580,24 +622,47 @@ def run_standalone(cases: list[str], rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
+    from pathlib import Path
+
+    from benchmarks.render import results_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write the report here")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--json", type=Path, help="write the report here (default: the scratch results folder)")
+    where.add_argument("--save", action="store_true", help="write the committed benchmarks/results/ file")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument(
+        "--impls", nargs="*", help=f"contenders instead of each case's own (allo first; {_RETAIN_PREFIX}<MiB> too)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peak-memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_memory_child:
         print(json.dumps(peak_memory_child(*args.peak_memory_child)))
         return 0
-    report = run_standalone(args.cases, args.rounds)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
+    for impl in args.impls or []:
+        try:
+            retain_option(impl)
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
+        out = args.json or results_dir(save=args.save) / f"{DEVICE.type}-fused_linear.json"
+    except ValueError as exc:
+        parser.error(str(exc))
+    report = run_standalone(args.cases, args.rounds, args.impls)
+    if out.exists():
+        # Cases not run this time keep their earlier entries (each entry carries the metadata of its own run).
+        earlier = json.loads(out.read_text())
+        for entry in earlier.get("cases", {}).values():
+            entry.setdefault("rounds", earlier.get("rounds"))
+            entry.setdefault("metadata", earlier.get("metadata"))
+        report["cases"] = {**earlier.get("cases", {}), **report["cases"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
     print(
         json.dumps({c: {k: v.get("median_s") for k, v in e["contenders"].items()} for c, e in report["cases"].items()})
     )
+    print(f"wrote {out}" + ("" if args.save or args.json else " (scratch; --save updates benchmarks/results/)"))
     return 0
 
 

@@ -215,3 +215,10 @@ def test_sparse_adamw_paired_speedup_and_standalone_table(tmp_path):
     # state is kept for the selected rows only: 10 % of 64 rows -> 6 rows x 32 cols x (exp_avg, exp_avg_sq) x 4 tensors
     row = next(r for r in report["results"] if r["impl"] == "allo_native" and r["row_fraction"] == 0.1)
     assert row["state_bytes"] == 4 * 6 * 32 * 2 * 4
+
+
+def test_fused_linear_retain_contender_names():
+    assert bench_fused_linear.retain_option("allo_retain512") == {"retain_logits_bytes": 512 << 20}
+    assert bench_fused_linear.retain_option("allo") == {}
+    with pytest.raises(ValueError, match=r"contender 'allo_retainx': expected allo_retain<MiB>"):
+        bench_fused_linear.retain_option("allo_retainx")

@@ -174,6 +174,9 @@ def test_bad_inputs():
         ak.fused_linear_token_logprobs(hidden, weight, labels, bias=bias[:5])
     with pytest.raises(ValueError, match="chunk_size"):
         ak.fused_linear_token_logprobs(hidden, weight, labels, chunk_size=0)
+    for bad_budget in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"retain_logits_bytes must be an int >= 0 or None, got"):
+            ak.fused_linear_token_logprobs(hidden, weight, labels, retain_logits_bytes=bad_budget)
     with pytest.raises(ValueError, match=r"weight must have 2 dimensions \[V, H\]"):
         ak.fused_linear_token_logprobs(hidden, weight[None], labels)
     bad = labels.clone()
@@ -338,12 +341,24 @@ def sparse_batch(n=40, H=16, V=150, seed=0):
     return hidden, weight, bias, labels, g
 
 
+def retain_rows(rows, V=150):
+    """retain_logits_bytes for ``rows`` retained fp32 rows of V logits."""
+    return None if rows is None else rows * V * 4
+
+
+# Retained rows: none (every row recomputed), 10 (some kept, the rest recomputed), None (the default: all kept here).
+RETAINED = [0, 10, None]
+
+
+@pytest.mark.parametrize("retained", RETAINED)
 @pytest.mark.parametrize("chunk_size", [3, 64, None])
-def test_fp32_identical_to_todays_path(chunk_size, backend):
+def test_fp32_identical_to_todays_path(chunk_size, retained, backend):
     backend("torch")
     hidden, weight, bias, labels, g = sparse_batch()
     h, w, b = leaves(hidden, weight, bias)
-    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=chunk_size, temperature=0.7)
+    out = ak.fused_linear_token_logprobs(
+        h, w, labels, bias=b, chunk_size=chunk_size, temperature=0.7, retain_logits_bytes=retain_rows(retained)
+    )
     out.backward(g)
     expect = todays_path(hidden, weight, bias, labels, g, chunk_size=chunk_size or 40, temperature=0.7)
     for got, want in zip((out.detach(), h.grad, w.grad, b.grad), expect):
@@ -370,21 +385,26 @@ def count_gemm_rows(monkeypatch):
 
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ignored_and_zero_gradient_rows_are_not_computed(backend_name, dtype, backend, monkeypatch):
+@pytest.mark.parametrize("retained", RETAINED)
+def test_ignored_and_zero_gradient_rows_are_not_computed(backend_name, dtype, retained, backend, monkeypatch):
     backend(backend_name)
     hidden, weight, bias, labels, g = sparse_batch()
     hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
     seen = count_gemm_rows(monkeypatch)
     h, w, b = leaves(hidden, weight, bias)
-    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=6)
-    n_valid = int((labels != -100).sum())
+    # The Triton path retains rows in the compute dtype: the same row count needs fewer bytes for bf16.
+    per_row = 150 * (4 if backend_name == "torch" else hidden.element_size())
+    budget = None if retained is None else retained * per_row
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=6, retain_logits_bytes=budget)
+    valid_rows = (labels != -100).nonzero()[:, 0]
+    n_valid = len(valid_rows)
     assert sum(seen["logits"]) == n_valid and max(seen["logits"]) == 6
     out.backward(g)
     active = (labels != -100) & (g != 0)
     n_active = int(active.sum())
-    last_chunk = (labels != -100).nonzero()[:, 0][(n_valid - 1) // 6 * 6 :]  # its logits were kept, not recomputed
-    n_kept = int(active[last_chunk].sum())
-    assert 0 < n_kept < len(last_chunk) and 0 < n_active < n_valid
+    kept_rows = valid_rows[: n_valid if retained is None else retained]  # the first valid rows: not recomputed
+    n_kept = int(active[kept_rows].sum())
+    assert 0 < n_active < n_valid and (retained != 10 or 0 < n_kept < len(kept_rows))
     assert sum(seen["logits"]) == n_valid + n_active - n_kept and sum(seen["weight_grad"]) == n_active
     ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
     torch.testing.assert_close(out.detach(), ref, **TOL[dtype])
@@ -458,29 +478,36 @@ def test_frozen_weight_has_no_weight_gradient_gemm_or_accumulator(backend_name, 
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
-def test_last_chunk_of_logits_is_kept_for_the_backward(backend_name, backend, monkeypatch):
+def test_retained_rows_are_not_recomputed(backend_name, backend, monkeypatch):
     backend(backend_name)
-    hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows: chunks of 4, 4, 2
+    hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows
     g = torch.randn(13, generator=torch.Generator().manual_seed(4))
     seen = count_gemm_rows(monkeypatch)
     buffers = []
     init = fl._Chunks.__init__
-    monkeypatch.setattr(fl._Chunks, "__init__", lambda self, *a: buffers.append(a) or init(self, *a))
+
+    def recording_init(self, *a):
+        init(self, *a)
+        buffers.append(self.logits_buf.shape[0])
+
+    monkeypatch.setattr(fl._Chunks, "__init__", recording_init)
     h, w, b = leaves(hidden, weight, bias)
-    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4, retain_logits_bytes=retain_rows(6))
     out.backward(g, retain_graph=True)
-    assert seen["logits"] == [4, 4, 2, 4, 4] and sum(seen["weight_grad"]) == 10  # the 2-row chunk not recomputed
-    assert len(buffers) == 1  # the backward worked in the forward's chunk buffers: one set per call
+    # forward: the 4 rows not retained, then the 6 retained in chunks of 4 and 2; backward: only the 4 recomputed
+    assert seen["logits"] == [4, 4, 2, 4] and sum(seen["weight_grad"]) == 10
+    assert buffers == [6]  # one buffer per call, shared by the forward and the backward: max(retained, chunk) rows
     ref, gh, gw, gb = reference(hidden, weight, bias, labels, g)
     torch.testing.assert_close(out.detach(), ref, **TOL[torch.float32])
     for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
-    out.backward(g)  # a second backward recomputes every chunk (the kept one was consumed) and gets the same
-    assert seen["logits"][5:] == [4, 4, 2]
+    out.backward(g)  # a second backward recomputes every chunk (the retained ones were consumed), gets the same
+    assert seen["logits"][4:] == [4, 4, 2] and buffers == [6, 4]
     for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
         torch.testing.assert_close(got, 2 * want, **TOL[torch.float32])
-    with torch.no_grad():  # nothing to keep without a backward
-        ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+    with torch.no_grad():  # nothing to retain without a backward
+        ak.fused_linear_token_logprobs(h, w, labels, bias=b, chunk_size=4, retain_logits_bytes=retain_rows(6))
+    assert buffers[2:] == [4]
 
 
 def test_compact_rows_in_place_across_blocks(monkeypatch):
@@ -492,11 +519,42 @@ def test_compact_rows_in_place_across_blocks(monkeypatch):
     assert torch.equal(x[:6], expect)
 
 
-def test_auto_chunks_are_equal_so_the_kept_one_is_full(backend, monkeypatch):
+@pytest.mark.parametrize(
+    ("retained", "gemm_rows", "buffer_rows"),
+    [(0, [7, 3, 7, 3], 7), (3, [7, 3, 7], 7), (8, [2, 7, 1, 2], 8), (None, [7, 3], 10)],
+)
+def test_retention_budget_plans_the_chunks(retained, gemm_rows, buffer_rows, backend, monkeypatch):
+    """Auto chunks of 7 rows (the chunk budget), the retained rows on top; the buffer is max(retained, chunk) rows."""
     backend("torch")
     hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows, V=150
-    monkeypatch.setattr(fl, "MAX_CHUNK_BYTES_CPU", 7 * 150 * 4)  # budget: 7 rows
+    monkeypatch.setattr(fl, "MAX_CHUNK_BYTES_CPU", 7 * 150 * 4)
     seen = count_gemm_rows(monkeypatch)
+    buffers = []
+    init = fl._Chunks.__init__
+    monkeypatch.setattr(fl._Chunks, "__init__", lambda self, *a: init(self, *a) or buffers.append(self.logits_buf))
     h, w, b = leaves(hidden, weight, bias)
-    ak.fused_linear_token_logprobs(h, w, labels, bias=b).sum().backward()
-    assert seen["logits"] == [5, 5, 5]  # not 7 + 3: the backward recomputes 5 rows, not 7
+    out = ak.fused_linear_token_logprobs(h, w, labels, bias=b, retain_logits_bytes=retain_rows(retained))
+    out.sum().backward()
+    assert seen["logits"] == gemm_rows and buffers[0].shape == (buffer_rows, 150)
+    _, gh, gw, gb = reference(hidden, weight, bias, labels, torch.ones(13))
+    for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_partly_retained_matches_unfused(backend_name, dtype, backend):
+    """Some rows retained, the others recomputed, with a temperature, in every dtype on both paths."""
+    backend(backend_name)
+    hidden, weight, bias, labels = make(dtype, lead=(21,))
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(21, generator=gen) * (torch.rand(21, generator=gen) < 0.7)
+    h, w, b = leaves(hidden, weight, bias)
+    out = ak.fused_linear_token_logprobs(
+        h, w, labels, bias=b, chunk_size=4, temperature=1.3, retain_logits_bytes=9 * 150 * 4
+    )
+    out.backward(g)
+    ref, gh, gw, gb = reference(hidden, weight, bias, labels, g, temperature=1.3)
+    torch.testing.assert_close(out.detach(), ref, **TOL[dtype])
+    for got, want in ((h.grad, gh), (w.grad, gw), (b.grad, gb)):
+        torch.testing.assert_close(got.float(), want, **TOL[dtype])

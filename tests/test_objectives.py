@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fused_linear import count_gemm_rows
 
 import allo_kernels as ak
 from allo_kernels.ops import token_logprobs as logprob_op
@@ -142,51 +143,54 @@ def test_bad_inputs():
         ak.forgetting_loss(logits, labels, ref_logprobs=ref, weights=-torch.ones(labels.shape))
 
 
-def count_weight_grad_rows(monkeypatch):
-    from allo_kernels.ops import fused_linear as fl
-
-    rows = []
-    accumulate = fl._accumulate_weight_grad
-
-    def counting(acc, dz, h):
-        rows.append(h.shape[0])
-        return accumulate(acc, dz, h)
-
-    monkeypatch.setattr(fl, "_accumulate_weight_grad", counting)
-    return rows
-
-
+# retain_logits_bytes: 0 recomputes every row's logits in the backward; None (the default) retains them all here.
+@pytest.mark.parametrize("retain", [0, None])
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
-def test_preference_loss_backward_computes_only_kept_tokens(backend_name, backend, monkeypatch):
+def test_preference_loss_backward_computes_only_kept_tokens(backend_name, retain, backend, monkeypatch):
     """ALLO's improving stage drops 90% of each rejected response: those tokens (and the prompt rows) must not enter
     the fused-linear backward at all, end to end through token_scores and the DPO loss."""
     backend(backend_name)
     hidden, weight, labels, ref = batch(B=2, T=20)
-    rows = count_weight_grad_rows(monkeypatch)
+    seen = count_gemm_rows(monkeypatch)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = ak.preference_loss(
-        h, labels, lm_head_weight=w, ref_logprobs=ref, mask_fraction=0.9, mask_by="highest", chunk_size=4
+        h,
+        labels,
+        lm_head_weight=w,
+        ref_logprobs=ref,
+        mask_fraction=0.9,
+        mask_by="highest",
+        chunk_size=4,
+        retain_logits_bytes=retain,
     )
     loss.backward()
-    kept = 2 * (metrics["tokens/chosen"] + metrics["tokens/rejected"])  # both are means over B=2 pairs
-    assert sum(rows) == int(kept.item()) < int((labels != -100).sum())
+    kept = int((2 * (metrics["tokens/chosen"] + metrics["tokens/rejected"])).item())  # means over B=2 pairs
+    n_valid = int((labels != -100).sum())
+    assert sum(seen["weight_grad"]) == kept < n_valid
+    assert sum(seen["logits"]) == n_valid + (kept if retain == 0 else 0)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ak.preference_loss(h2 @ w2.t(), labels, ref_logprobs=ref, mask_fraction=0.9, mask_by="highest")[0].backward()
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("retain", [0, None])
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
-def test_forgetting_loss_backward_computes_only_weighted_tokens(backend_name, backend, monkeypatch):
+def test_forgetting_loss_backward_computes_only_weighted_tokens(backend_name, retain, backend, monkeypatch):
     backend(backend_name)
     hidden, weight, labels, ref = batch(T=20, seed=2)
     g = torch.Generator().manual_seed(9)
     w_tok = torch.rand(labels.shape, generator=g) * (torch.rand(labels.shape, generator=g) < 0.2)
-    rows = count_weight_grad_rows(monkeypatch)
+    seen = count_gemm_rows(monkeypatch)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, _ = ak.forgetting_loss(h, labels, lm_head_weight=w, ref_logprobs=ref, weights=w_tok, chunk_size=4)
+    loss, _ = ak.forgetting_loss(
+        h, labels, lm_head_weight=w, ref_logprobs=ref, weights=w_tok, chunk_size=4, retain_logits_bytes=retain
+    )
     loss.backward()
-    assert sum(rows) == int(((w_tok != 0) & (labels != -100)).sum())
+    weighted = int(((w_tok != 0) & (labels != -100)).sum())
+    n_valid = int((labels != -100).sum())
+    assert sum(seen["weight_grad"]) == weighted
+    assert sum(seen["logits"]) == n_valid + (weighted if retain == 0 else 0)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ak.forgetting_loss(h2 @ w2.t(), labels, ref_logprobs=ref, weights=w_tok)[0].backward()
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)

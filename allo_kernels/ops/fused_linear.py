@@ -1,47 +1,61 @@
 """Fused-linear token log-probs: ``token_logprobs(hidden @ weight.T + bias, labels)`` without the [N, V] logits.
 
-Only the rows that count are computed, in chunks of up to C rows (chunked along tokens, not only along the batch):
+Only the rows that count are computed, in chunks of up to C rows (chunked along tokens, not only along the batch),
+and the logits of the first K of them are retained from the forward for the backward (K from a memory budget):
 
     forward:   rows R_f = {n : label_n != ignore_index}            (one host sync per call to count them)
-               per chunk c of R_f:  Z_c = H_c W^T + b              [C, V] (the only V-sized buffer, reused)
-                                    logp_c, lse_c from Z_c          keep lse [N] (4 bytes per token); Z_c dropped
+               per chunk c of R_f:  Z_c = H_c W^T + b              [C, V] in the shared buffer
+                                    logp_c, lse_c from Z_c          keep lse [N] (4 bytes per token)
+               rows after the first K: one chunk at a time in the buffer's first C rows, Z_c dropped
+               the first K rows: each chunk in its own rows of the buffer, kept for the backward
                ignored rows: logp = 0, lse = 0, no GEMM, no vocabulary work
     backward:  rows R_b = {n in R_f : dL/dlogp_n != 0}              (one host sync per call)
-               per chunk c of R_b:  Z_c recomputed (one more GEMM), turned *in place* into
+               per chunk c of R_b:  Z_c retained, or recomputed (one more GEMM), turned *in place* into
                                     dZ_c = g_c / T * (onehot - softmax(Z_c / T))
                                     dH_c  = dZ_c W                  [C, H], scattered to its rows; 0 elsewhere
                                     dW   += dZ_c^T H_c              fp32 accumulator [V, H], only if W needs a grad
                                     db   += sum_rows dZ_c           fp32 accumulator [V], only if b needs a grad
 
 So prompt and padding rows (ignore_index), tokens an ALLO mask drops and tokens of zero weight (their upstream
-gradient is exactly 0) cost nothing in the backward, and ignored rows nothing in the forward either. The rows of a
-chunk are gathered from ``hidden`` (``index_select``, [C, H]) only when some rows are skipped; otherwise chunks are
-plain slices. A frozen lm_head (``weight.requires_grad`` False, ALLO's default) has no dW GEMM and no accumulator.
+gradient is exactly 0) cost nothing in the backward, and ignored rows nothing in the forward either (a retained row
+with a zero gradient is dropped from its buffer rows before any GEMM). The rows of a chunk are gathered from
+``hidden`` (``index_select``, [C, H]) only when they are not one contiguous range; otherwise chunks are plain slices.
+A frozen lm_head (``weight.requires_grad`` False, ALLO's default) has no dW GEMM and no accumulator. The retained
+rows are the first valid ones: in a ``[chosen; rejected]`` batch the chosen half, which ALLO's masks never drop.
 
-Why recompute instead of "gradient in forward" (what Liger's fused losses do): the gradient of a general alignment
-loss w.r.t. logp_t is known only after every token of the batch was scored (DPO's sigmoid couples all tokens of a
-pair, the percentile mask couples a whole sequence), so computing dZ in the forward would have to fix the loss
-inside the kernel. Recomputing costs one extra [C, H] x [H, V] GEMM per chunk (a third more matmul FLOPs than
-unfused when W is trained) and keeps every loss in ``allo_kernels.losses`` usable unchanged on top, with per-token
-weights, masks and precomputed reference log-probs; the skipped rows win much of it back on real batches.
+Why recompute at all instead of "gradient in forward" (what Liger's fused losses do): the gradient of a general
+alignment loss w.r.t. logp_t is known only after every token of the batch was scored (DPO's sigmoid couples all
+tokens of a pair, the percentile mask couples a whole sequence), so computing dZ in the forward would have to fix the
+loss inside the kernel. Each recomputed row costs one extra [1, H] x [H, V] GEMM row (a third more matmul FLOPs than
+unfused when W is trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable
+unchanged on top, with per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows
+win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the
+backward) against time (K fewer recomputed rows). Default: ``RETAINED_LOGITS_BYTES_CPU`` (768 MiB) on CPU, sized so
+that CE at N=8192, H=1024, V=32000, fp32 peaks below Cut Cross-Entropy's ``torch_compile`` (measured: 945 MiB against
+its 1157, at 0.81x the time of recomputing every row; README, "Fused-linear losses on CPU"); on CUDA the chunk budget,
+i.e. one chunk, which the chunk buffer holds anyway (not measured on a GPU yet). 0 recomputes every row.
 
 Two paths run the per-chunk vocabulary work:
 
 * Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``): the ``token_logprobs`` kernels on the chunk of logits, the
-  backward writing dZ into the logits buffer itself. Buffers: one [C, V] chunk in the compute dtype.
-* torch (CPU): in-place ops on one fp32 [C, V] work buffer reused by every chunk (for half inputs plus one [C, V]
-  half buffer, where the logits and dZ are rounded to the half type as a half GEMM and the unfused path round
-  them). The weight gradient is accumulated with one in-place ``addmm_`` per chunk, in fp32. On CPUs without native
-  half GEMMs (no AVX512-BF16/AMX: torch's fallback there is 10-300x slower than fp32 MKL) the GEMMs of half inputs
-  run in fp32 on fp32 copies of the (exactly representable) half values, with the same rounding of the results.
-  No ``torch.compile``: the GEMMs are ~87% of this path's time (torch profiler, N=1024, H=1024, V=32000), so fusing
-  the few in-place element-wise passes would not pay for minutes of Inductor builds.
+  backward writing dZ into the logits buffer itself. Buffer: max(K, C) rows of logits in the compute dtype.
+* torch (CPU): in-place ops on one fp32 buffer of max(K, C) rows (for half inputs plus one [C, V] half buffer, where
+  the logits and dZ are rounded to the half type as a half GEMM and the unfused path round them). A retained row
+  keeps what the forward leaves of it, e = exp(Z / T - max), and the row sum s of e, so its backward is one pass
+  (softmax = e / s). The weight gradient is accumulated with one in-place ``addmm_`` per chunk, in fp32. On CPUs
+  without native half GEMMs (no AVX512-BF16/AMX: torch's fallback there is 10-1000x slower than fp32 MKL) the GEMMs
+  of half inputs run in fp32 on fp32 copies of the (exactly representable) half values, with the same rounding of
+  the results. No ``torch.compile``: the GEMMs are ~87% of this path's time (torch profiler, N=1024, H=1024,
+  V=32000), so fusing the few in-place element-wise passes would not pay for minutes of Inductor builds.
 
-Memory: the chunk buffers above fit ``auto_chunk_size``'s budget; on top come the [N, H] hidden gradient, the fp32
-[V, H] weight-gradient accumulator when W is trained (it is the returned gradient itself for fp32 weights; on CUDA
-half inputs add one fp32 [V, H] product per chunk, reused by the caching allocator), and, for half inputs on CPUs
-without native half GEMMs, an fp32 copy of W. The last chunk's buffers stay alive from the forward to the backward
-(when a backward will follow: grad mode on and an input requiring grad), which reuses them; the peak is unchanged.
+Memory, when a backward follows (grad mode on and an input requiring grad; else nothing is retained, K = 0): the
+peak is the buffer (max(K, C) rows x V x 4 bytes on the torch path, x the compute dtype's size on the Triton path;
+K = min(valid rows, retain_logits_bytes // bytes per row), C from ``auto_chunk_size``: 256 MiB on CPU, min(1 GiB,
+free / 8) on CUDA) + the [N, H] hidden gradient + the fp32 [V, H] weight-gradient accumulator when W is trained (it
+is the returned gradient itself for fp32 weights; on CUDA half inputs add one fp32 [V, H] product per chunk, reused
+by the caching allocator) + for half inputs the [C, V] half buffer, and on CPUs without native half GEMMs an fp32
+copy of W. E.g. N=8192, H=1024, V=32000, fp32 on CPU with the defaults: 768 MiB retained (6291 rows; the other 1901
+recomputed in one chunk) + 32 MiB + 125 MiB. The buffer lives from the forward to the end of the backward.
 
 Under ``torch.autocast`` the logits are computed in the autocast dtype (what ``nn.Linear`` would give), in the
 forward and again in the backward, wherever the backward runs.
@@ -69,6 +83,23 @@ from .token_scores import TokenScores, scores_from_logprobs, validate_score_opti
 # Budget for the chunk buffers when chunk_size is None.
 MAX_CHUNK_BYTES_CUDA = 1 << 30
 MAX_CHUNK_BYTES_CPU = 256 << 20
+# Default budget for the logits retained from the forward for the backward (retain_logits_bytes=None) on CPU: the
+# most that keeps CE at N=8192, H=1024, V=32000, fp32 below CCE's peak (README, "Fused-linear losses on CPU"); on
+# CUDA the default is the chunk budget (one chunk, which the chunk buffer holds anyway).
+RETAINED_LOGITS_BYTES_CPU = 768 << 20
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    """The memory budget of the chunk buffers: on CUDA min(1 GiB, free memory / 8); on CPU 256 MiB."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(MAX_CHUNK_BYTES_CUDA, free // 8)
+    return MAX_CHUNK_BYTES_CPU
+
+
+def default_retained_logits_bytes(device: torch.device) -> int:
+    """``retain_logits_bytes=None``: ``RETAINED_LOGITS_BYTES_CPU`` on CPU, the chunk budget on CUDA."""
+    return RETAINED_LOGITS_BYTES_CPU if device.type == "cpu" else chunk_budget_bytes(device)
 
 
 def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
@@ -80,6 +111,11 @@ def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool
     return vocab_size * elem
 
 
+def retained_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
+    """Bytes per retained row: the torch path keeps fp32 rows, the Triton path the logits in ``dtype``."""
+    return vocab_size * (4 if torch_path else torch.empty((), dtype=dtype).element_size())
+
+
 def auto_chunk_size(
     n_rows: int,
     vocab_size: int,
@@ -89,20 +125,15 @@ def auto_chunk_size(
     *,
     torch_path: bool | None = None,
 ) -> int:
-    """Rows per chunk: the chunk buffers (``chunk_bytes_per_row``) fit a memory budget.
+    """Rows per chunk: the chunk buffers (``chunk_bytes_per_row``) fit ``chunk_budget_bytes``.
 
-    On CUDA the budget is min(1 GiB, free memory / 8); on CPU 256 MiB. Larger chunks make larger GEMMs (better
-    tensor-core use) and fewer launches; beyond ~1 GiB of logits there is nothing left to gain. ``torch_path``
-    (default: not CUDA) says whether the torch path's fp32 work buffer counts.
+    Larger chunks make larger GEMMs (better tensor-core use) and fewer launches; beyond ~1 GiB of logits there is
+    nothing left to gain. ``torch_path`` (default: not CUDA) says whether the torch path's fp32 work buffer counts.
     """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(MAX_CHUNK_BYTES_CUDA, free // 8)
-    else:
-        budget = MAX_CHUNK_BYTES_CPU
     if torch_path is None:
         torch_path = device.type != "cuda"
-    rows = max(1, budget // max(1, chunk_bytes_per_row(vocab_size, dtype, torch_path=torch_path)))
+    per_row = max(1, chunk_bytes_per_row(vocab_size, dtype, torch_path=torch_path))
+    rows = max(1, chunk_budget_bytes(device) // per_row)
     if rows >= 256:
         rows = rows // 128 * 128  # GEMM-friendly
     return int(max(1, min(n_rows, rows)))
@@ -126,7 +157,7 @@ class _Options:
     chunk_size: int | None  # None: auto_chunk_size of the rows each pass actually computes
     use_triton: bool
     compute_dtype: torch.dtype  # the logits' dtype: autocast's when it is on, else the inputs'
-    keep_last_chunk: bool  # a backward will follow: hand the forward's last chunk of logits to it
+    retain_bytes: int  # budget of the logits retained for the backward (0: recompute all, or no backward follows)
     gather: ParamGather  # how the backward reaches the full weight and bias again
 
 
@@ -137,31 +168,50 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _active_rows(active: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the True entries (the pass's host sync); None when every row is active (chunks are then slices)."""
+# Rows of a pass: a slice when they are one contiguous range (chunks are then views of ``hidden``), else an index.
+Rows = slice | torch.Tensor
+
+
+def _active_rows(active: torch.Tensor) -> Rows:
+    """The True entries of ``active`` (the pass's host sync): a slice when they are contiguous, else their indices."""
     rows = active.nonzero()[:, 0]
-    return None if rows.numel() == active.numel() else rows
+    if rows.numel() == 0:
+        return slice(0, 0)
+    first, last = rows[[0, -1]].tolist()
+    return slice(first, last + 1) if last - first + 1 == rows.numel() else rows
 
 
-def _take(t: torch.Tensor, index) -> torch.Tensor:
+def _count(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+def _sub(rows: Rows, start: int, stop: int) -> Rows:
+    """Entries start..stop of ``rows``."""
+    return slice(rows.start + start, rows.start + stop) if isinstance(rows, slice) else rows[start:stop]
+
+
+def _take(t: torch.Tensor, index: Rows) -> torch.Tensor:
     return t[index] if isinstance(index, slice) else t.index_select(0, index)
 
 
-def _chunk_indices(n: int, rows: torch.Tensor | None, size: int):
-    """The row index (a slice, or a [c] index tensor) of each chunk of ``size`` among ``n`` active rows."""
-    for start in range(0, n, size):
-        stop = min(n, start + size)
-        yield slice(start, stop) if rows is None else rows[start:stop]
+def _chunk_indices(rows: Rows, start: int, stop: int, size: int):
+    """(offset, row index) of each chunk of ``size`` among entries start..stop of ``rows``."""
+    for a in range(start, stop, size):
+        yield a, _sub(rows, a, min(stop, a + size))
 
 
 class _Chunks:
-    """The reusable chunk buffers of a pass, and the GEMM operands while bound to a weight.
+    """The chunk buffers of a call (shared by its forward and backward), and the GEMM operands while bound to a weight.
+
+    One buffer of logits rows: the first ``retained`` rows hold the retained rows' logits from the forward to the
+    backward; the rows that are not retained are computed (forward) and recomputed (backward) one chunk at a time
+    in its first rows, so it has max(retained, chunk) rows.
 
     Under autocast the unfused ``linear(hidden, weight, bias)`` casts all three to the autocast dtype, so that is
     the compute dtype here too; autocast itself is switched off around each pass (``torch.mm(out=)`` refuses it).
     """
 
-    def __init__(self, opts: _Options, vocab: int, hidden_size: int, n_rows: int, device: torch.device):
+    def __init__(self, opts: _Options, vocab: int, hidden_size: int, n_rows: int, device: torch.device, retained=0):
         self.opts, self.dtype = opts, opts.compute_dtype
         # The torch path's GEMMs run in fp32 where half GEMMs are not native; the Triton path (on CPU only under the
         # interpreter, in tests) keeps the compute dtype so the kernels see what they see on a GPU.
@@ -169,18 +219,19 @@ class _Chunks:
         self.gemm_dtype = torch.float32 if self.fp32_gemm else self.dtype
         if opts.chunk_size is None:
             size = auto_chunk_size(n_rows, vocab, hidden_size, self.dtype, device, torch_path=not opts.use_triton)
-            size = -(-n_rows // -(-n_rows // size))  # equal chunks: the last one, kept for the backward, is full
         else:
             size = opts.chunk_size
         self.size = max(1, min(size, n_rows))
+        self.retained = retained
+        rows = max(retained, min(self.size, n_rows - retained))
         self.weight = self.bias = None
         if opts.use_triton:
-            self.logits_buf = torch.empty(self.size, vocab, dtype=self.dtype, device=device)
+            self.logits_buf = torch.empty(rows, vocab, dtype=self.dtype, device=device)
         else:
-            self.work = torch.empty(self.size, vocab, dtype=torch.float32, device=device)
+            self.logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=device)  # the fp32 work rows
             self.half = None
             if self.dtype != torch.float32:
-                self.half = torch.empty(self.size, vocab, dtype=self.dtype, device=device)
+                self.half = torch.empty(min(self.size, rows), vocab, dtype=self.dtype, device=device)
 
     def bind(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight = weight.to(self.dtype).to(self.gemm_dtype)  # no copy when already in that dtype
@@ -195,20 +246,22 @@ class _Chunks:
             return torch.mm(h, self.weight.t(), out=out)
         return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Z = h W^T + b. Triton path: in the compute dtype. torch path: the fp32 work buffer (rounded to the half
-        type for half inputs), which the caller may destroy."""
+    def rows(self, at: int, c: int) -> torch.Tensor:
+        """Buffer rows at..at+c (logits, or what the forward left of them for the backward)."""
+        return self.logits_buf[at : at + c]
+
+    def logits(self, h: torch.Tensor, at: int = 0) -> torch.Tensor:
+        """Z = h W^T + b into buffer rows at..at+c. Triton path: in the compute dtype. torch path: fp32 (rounded to
+        the half type for half inputs), which the caller may destroy."""
         c = h.shape[0]
-        if self.opts.use_triton:
-            return self._linear(h, self.logits_buf[:c])
-        work = self.work[:c]
-        if self.half is None:
-            return self._linear(h, work)
+        out = self.rows(at, c)
+        if self.opts.use_triton or self.half is None:
+            return self._linear(h, out)
         if self.fp32_gemm:
-            self.half[:c].copy_(self._linear(h, work))
+            self.half[:c].copy_(self._linear(h, out))
         else:
             self._linear(h, self.half[:c])
-        return work.copy_(self.half[:c])
+        return out.copy_(self.half[:c])
 
     def round_to_dtype(self, x: torch.Tensor) -> torch.Tensor:
         """torch path: round the fp32 chunk ``x`` (in place) to the compute dtype, as a half GEMM's operand is; returns
@@ -229,6 +282,14 @@ class _Chunks:
         return (dz @ self.weight).to(self.dtype)
 
 
+def _retained_rows(opts: _Options, n_rows: int, vocab: int) -> int:
+    """How many of a forward's n_rows rows keep their logits for the backward (``opts.retain_bytes``)."""
+    if opts.retain_bytes <= 0:
+        return 0
+    per_row = retained_bytes_per_row(vocab, opts.compute_dtype, torch_path=not opts.use_triton)
+    return min(n_rows, opts.retain_bytes // per_row)
+
+
 _COMPACT_BLOCK_ROWS = 64
 
 
@@ -244,41 +305,36 @@ def _compact_rows(x: torch.Tensor, keep: torch.Tensor) -> None:
 
 
 def _forward_chunk_torch(x: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """fp32 logits ``x`` [c, V] of valid rows (destroyed) -> (logp, lse), each [c].
+    """fp32 logits ``x`` [c, V] of valid rows -> (logp, lse, s), each [c]; ``x`` becomes e = exp(x / T - m).
 
     The same operations as ``torch.logsumexp`` (max, ``exp(x - max)``, sum, log, + max; an infinite max counts
     as 0), done in place on ``x`` so that no second [c, V] buffer exists; the label's logit is gathered first.
+    What is left in ``x`` is what the backward of a retained row needs: softmax = e / s, with s = sum(e) returned.
     """
     if temperature != 1.0:
         x.div_(temperature)
     target = x.gather(1, labels.long()[:, None])[:, 0]
     m = x.amax(1)
     m.masked_fill_(m.abs() == float("inf"), 0.0)
-    lse = x.sub_(m[:, None]).exp_().sum(1).log_().add_(m)
-    return target - lse, lse
+    s = x.sub_(m[:, None]).exp_().sum(1)
+    lse = s.log().add_(m)
+    return target - lse, lse, s
 
 
-_KEEP_BLOCK_ROWS = 64
-
-
-def _forward_chunk_torch_keeping(x: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """``_forward_chunk_torch`` that leaves ``x`` intact (for the backward): row blocks through a small scratch."""
-    scratch = torch.empty(min(_KEEP_BLOCK_ROWS, x.shape[0]), x.shape[1], dtype=x.dtype, device=x.device)
-    parts = [
-        _forward_chunk_torch(scratch[: stop - start].copy_(x[start:stop]), labels[start:stop], temperature)
-        for start, stop in ((s, min(x.shape[0], s + _KEEP_BLOCK_ROWS)) for s in range(0, x.shape[0], _KEEP_BLOCK_ROWS))
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-def _backward_chunk_torch(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, temperature):
-    """fp32 logits ``x`` [c, V] of valid rows -> dZ = g / T * (onehot - exp(x / T - lse)), in place in ``x``."""
-    if temperature != 1.0:
-        x.div_(temperature)
-    p = x.sub_(lse[:, None]).exp_()
+def _backward_chunk_torch(x, labels, g, temperature, *, lse=None, row_sum=None):
+    """dZ = g / T * (onehot - softmax) [c, V], in place in ``x``: either recomputed fp32 logits (``lse`` given:
+    softmax = exp(x / T - lse)) or what the forward left of a retained row (``row_sum`` s given: softmax = x / s)."""
     scale = g / temperature
     index = labels.long()[:, None]
-    at_label = (1.0 - p.gather(1, index)) * scale[:, None]  # (1 - p) * s, rounded as (-p + 1) * s is
+    if row_sum is None:
+        if temperature != 1.0:
+            x.div_(temperature)
+        p = x.sub_(lse[:, None]).exp_()
+        at_label = (1.0 - p.gather(1, index)) * scale[:, None]  # (1 - p) * s, rounded as (-p + 1) * s is
+    else:
+        p = x
+        at_label = (1.0 - p.gather(1, index) / row_sum[:, None]) * scale[:, None]
+        scale = scale / row_sum
     p.mul_(-scale[:, None])  # (-p) * s
     return p.scatter_(1, index, at_label)
 
@@ -297,7 +353,7 @@ def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor
     acc.addmm_(dz.t().float(), h.float())  # half dZ off CUDA: the Triton interpreter's path (tests only)
 
 
-def _scatter_rows(dst: torch.Tensor, index, src: torch.Tensor) -> None:
+def _scatter_rows(dst: torch.Tensor, index: Rows, src: torch.Tensor) -> None:
     if isinstance(index, slice):
         dst[index] = src
     else:
@@ -311,32 +367,39 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         rows = _active_rows(labels != opts.ignore_index)
-        n_rows = n if rows is None else rows.numel()
-        ctx.held = None
+        n_rows = _count(rows)
+        ctx.retained = None
         if n_rows:
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], n_rows, hidden.device)
+                n_kept = _retained_rows(opts, n_rows, weight.shape[0])
+                chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], n_rows, hidden.device, n_kept)
                 chunks.bind(weight, bias)
-                last_start = (n_rows - 1) // chunks.size * chunks.size
-                for start, index in zip(range(0, n_rows, chunks.size), _chunk_indices(n_rows, rows, chunks.size)):
-                    z = chunks.logits(_take(hidden, index))
-                    lab = labels[index]
-                    keep = opts.keep_last_chunk and start == last_start
-                    if opts.use_triton:
+                row_sums = None if opts.use_triton else torch.empty(n_kept, device=hidden.device)
+
+                def score(index: Rows, at: int | None) -> None:
+                    """Log-probs of one chunk; ``at``: the buffer rows it is retained in (None: not retained)."""
+                    z, lab = chunks.logits(_take(hidden, index), at or 0), labels[index]
+                    if opts.use_triton:  # leaves z intact
                         logp_c, lse_c = logprobs_forward(
                             z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
                         )
-                    elif keep:
-                        logp_c, lse_c = _forward_chunk_torch_keeping(z, lab, opts.temperature)
-                    else:
-                        logp_c, lse_c = _forward_chunk_torch(z, lab, opts.temperature)
+                    else:  # leaves e = exp(z / T - m) in z, and the row sums s of e
+                        logp_c, lse_c, s = _forward_chunk_torch(z, lab, opts.temperature)
+                        if at is not None:
+                            row_sums[at : at + z.shape[0]] = s
                     _scatter_rows(logp, index, logp_c)
                     _scatter_rows(lse, index, lse_c)
-                    if keep:
-                        # The last chunk's logits (and the buffers) go to the backward: its active rows need no
-                        # recompute there, and its peak, which needs one chunk buffer anyway, is unchanged.
-                        ctx.held = (chunks, index, z)
+
+                # The rows not retained first, one chunk at a time in the buffer's first rows; then the retained
+                # rows (the first n_kept: in a [chosen; rejected] batch the chosen half, never dropped by ALLO's
+                # masks), each chunk into its own rows of the buffer, where they stay for the backward.
+                for _, index in _chunk_indices(rows, n_kept, n_rows, chunks.size):
+                    score(index, None)
+                for at, index in _chunk_indices(rows, 0, n_kept, chunks.size):
+                    score(index, at)
                 chunks.unbind()
+                if n_kept:
+                    ctx.retained = (chunks, _sub(rows, 0, n_kept), row_sums)
                 del chunks
         ctx.save_for_backward(hidden, labels, lse)
         # weight/bias are kept as objects, not saved tensors: a partitioned weight's storage is released after the
@@ -350,44 +413,44 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         hidden, labels, lse = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
         opts: _Options = ctx.opts
-        held, ctx.held = ctx.held, None  # a second backward (retain_graph) recomputes everything
+        retained, ctx.retained = ctx.retained, None  # a second backward (retain_graph) recomputes everything
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_logp = grad_logp.reshape(-1).to(torch.float32)
         active = (labels != opts.ignore_index) & (grad_logp != 0)
-        chunks = held_index = held_z = None
-        if held is not None:
-            # The kept chunk's active rows are moved to its front and used as they are (not recomputed); its rows
-            # with a zero gradient are dropped there, so that none ever enters a GEMM. Its buffers serve the rest.
-            chunks, held_index, held_z = held
-            keep = active[held_index].nonzero()[:, 0]  # a host sync
+        chunks, kept, row_sums, n_kept = None, slice(0, 0), None, 0
+        if retained is not None:
+            # The retained rows with a nonzero gradient are moved to the front of their buffer rows and used as they
+            # are (not recomputed); those with a zero gradient are dropped there, so that none ever enters a GEMM.
+            # The buffer then serves the recomputed chunks.
+            chunks, kept, row_sums = retained
+            keep = _take(active, kept).nonzero()[:, 0]  # a host sync
             active = active.clone()
-            active[held_index] = False
-            if keep.numel() == 0:
-                held_index = held_z = None
-            elif keep.numel() < held_z.shape[0]:
-                _compact_rows(held_z, keep)
-                held_z = held_z[: keep.numel()]
-                held_index = keep + held_index.start if isinstance(held_index, slice) else held_index[keep]
+            active[kept] = False
+            n_kept = keep.numel()
+            if 0 < n_kept < _count(kept):
+                _compact_rows(chunks.rows(0, _count(kept)), keep)
+                row_sums = None if row_sums is None else row_sums[keep]
+                kept = keep + kept.start if isinstance(kept, slice) else kept[keep]
         rows = _active_rows(active)
-        n_rows = hidden.shape[0] if rows is None else rows.numel()
-        grad_h = None
-        if need_h:
-            grad_h = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+        n_rows = _count(rows)
+        grad_h = torch.zeros_like(hidden) if need_h else None
         release = opts.gather.gather_for_backward(weight, bias)
         # No accumulator (and below no dW GEMM) for a frozen weight; fp32 weights accumulate into their gradient.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        if (n_rows or held_z is not None) and (need_h or need_w or need_b):
+        if (n_rows or n_kept) and (need_h or need_w or need_b):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                if chunks is None:  # else the forward's buffers, sized for at least as many rows as are left
-                    chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], max(n_rows, 1), hidden.device)
+                if chunks is None:
+                    chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], n_rows, hidden.device)
                 chunks.bind(weight, bias)
-                work = _chunk_indices(n_rows, rows, chunks.size)
-                if held_z is not None:
-                    work = itertools.chain([held_index], work)
-                for index in work:
+                # Retained chunks first (their buffer rows are free afterwards), then the recomputed ones.
+                work = itertools.chain(
+                    _chunk_indices(kept, 0, n_kept, chunks.size),
+                    ((None, index) for _, index in _chunk_indices(rows, 0, n_rows, chunks.size)),
+                )
+                for at, index in work:
                     h = _take(hidden, index)
-                    z = held_z if index is held_index else chunks.logits(h)
+                    z = chunks.logits(h) if at is None else chunks.rows(at, h.shape[0])
                     lab, g, lse_c = labels[index], grad_logp[index], lse[index]
                     if opts.use_triton:
                         dz = logprobs_backward(
@@ -402,7 +465,11 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                         )
                         dz_gemm = dz
                     else:
-                        dz = _backward_chunk_torch(z, lab, lse_c, g, opts.temperature)
+                        if at is None:
+                            dz = _backward_chunk_torch(z, lab, g, opts.temperature, lse=lse_c)
+                        else:
+                            row_sum = row_sums[at : at + z.shape[0]]
+                            dz = _backward_chunk_torch(z, lab, g, opts.temperature, row_sum=row_sum)
                         dz_gemm = chunks.round_to_dtype(dz)  # dz keeps the rounded values in fp32
                     if grad_h is not None:
                         if isinstance(index, slice) and chunks.writes_hidden_grad_directly(grad_h):
@@ -414,7 +481,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                     if grad_b is not None:
                         grad_b += dz.sum(0, dtype=torch.float32)
                     del z, dz, dz_gemm
-        del chunks, held, held_z
+        del chunks, retained, row_sums
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         release()
@@ -422,7 +489,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------------- public API
-def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, temperature, gather):
+def _validate_linear(hidden, weight, labels, bias, chunk_size, retain, ignore_index, temperature, gather):
     hidden = check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_ndim=1)
     weight = check_tensor("weight", weight, dtypes=FLOAT_DTYPES)
     labels = check_tensor("labels", labels)
@@ -449,21 +516,26 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, *, ignore_index, 
         raise TypeError(f"hidden and weight must share a dtype, got hidden {hidden.dtype} and weight {weight.dtype}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if retain is not None and (isinstance(retain, bool) or not isinstance(retain, int) or retain < 0):
+        raise ValueError(f"retain_logits_bytes must be an int >= 0 or None, got {retain!r}")
     # Reuse the log-prob checks (labels shape/range, temperature) on a zero-stride stand-in for the logits.
     standin = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
     _, labels, temperature = validate_logits_labels(standin, labels, ignore_index=ignore_index, temperature=temperature)
     return hidden, weight, labels, bias, temperature, gather
 
 
-def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather):
+def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather, retain):
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     use_triton = select_backend(hidden.device) == "triton"
     needs_grad = h2.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    keep = torch.is_grad_enabled() and needs_grad
-    opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), keep, gather)
+    if not (torch.is_grad_enabled() and needs_grad):
+        retain = 0  # no backward follows
+    elif retain is None:
+        retain = default_retained_logits_bytes(h2.device)
+    opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), retain, gather)
     # Gather partitioned parameters *before* apply, so autograd records the full parameter shapes.
     with gather.gathered(weight, bias):
         logp = FusedLinearLogprobsFunction.apply(h2, weight, bias, labels.reshape(-1).contiguous(), opts)
@@ -479,6 +551,7 @@ def fused_linear_token_logprobs(
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    retain_logits_bytes: int | None = None,
     gather: ParamGather | None = None,
 ) -> torch.Tensor:
     """``token_logprobs(hidden @ weight.T (+ bias), labels)`` without ever holding the full [N, V] logits.
@@ -489,6 +562,9 @@ def fused_linear_token_logprobs(
         labels: [...] ids in [0, V) or ``ignore_index``.
         bias: optional [V].
         chunk_size: rows per chunk (None: chosen from V, H and free memory; see ``auto_chunk_size``).
+        retain_logits_bytes: the most bytes of logits kept from the forward for the backward, which then does not
+            recompute those rows (None: 768 MiB on CPU, the chunk budget on CUDA; 0: recompute every row). It
+            counts fp32 rows on the torch path, rows in the compute dtype on the Triton path.
         gather: the gather context of partitioned parameters (None: ``integrations.DEFAULT_GATHER``, which gathers
             DeepSpeed ZeRO-3 partitions and uses any other tensor as it is).
 
@@ -499,9 +575,11 @@ def fused_linear_token_logprobs(
     them (hidden and weight may then differ in dtype), and recomputed in it in the backward wherever that runs.
     """
     hidden, weight, labels, bias, temperature, gather = _validate_linear(
-        hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature, gather=gather
+        hidden, weight, labels, bias, chunk_size, retain_logits_bytes, ignore_index, temperature, gather
     )
-    return _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather)[0]
+    return _fused_logprobs(
+        hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather, retain_logits_bytes
+    )[0]
 
 
 def fused_linear_token_scores(
@@ -519,19 +597,22 @@ def fused_linear_token_scores(
     ignore_index: int = IGNORE_INDEX,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    retain_logits_bytes: int | None = None,
     gather: ParamGather | None = None,
 ) -> TokenScores:
     """The fused-linear twin of ``token_scores``: same options, same ``TokenScores``, from hidden [B, T, H]
-    (``gather`` as in ``fused_linear_token_logprobs``)."""
+    (``chunk_size``, ``retain_logits_bytes`` and ``gather`` as in ``fused_linear_token_logprobs``)."""
     hidden, weight, labels, bias, temperature, gather = _validate_linear(
-        hidden, weight, labels, bias, chunk_size, ignore_index=ignore_index, temperature=temperature, gather=gather
+        hidden, weight, labels, bias, chunk_size, retain_logits_bytes, ignore_index, temperature, gather
     )
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H] (3 dimensions), got {describe(hidden)}")
     ref, w, beta, mask_fraction = validate_score_options(
         labels, ref_logprobs, weights, beta=beta, mask_fraction=mask_fraction, mask_by=mask_by, mask_scope=mask_scope
     )
-    logprobs, use_triton = _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather)
+    logprobs, use_triton = _fused_logprobs(
+        hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather, retain_logits_bytes
+    )
     return scores_from_logprobs(
         logprobs,
         labels,
