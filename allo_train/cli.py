@@ -3,6 +3,7 @@
     allo-train pipeline --config cfg.yaml [key=value | --key value ...]
     allo-train STAGE --config cfg.yaml [overrides] [--resume]       (the stages are listed below)
     allo-train correct-answers --model DIR --input answers.jsonl --output corrected.jsonl
+    allo-train compare-layers A.json B.json [--top K]               (overlap of two ILA layer selections)
     allo-train demo [--output-dir DIR] [--seed N] [--overwrite]
 
 A run stops with one line "allo-train: error: ..." (exit 2) when it cannot go on safely: the output directory is in use
@@ -24,13 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     from .stages import STAGES  # the commands are the stage table's entries (importing it imports torch)
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare-layers"]:  # positional files of its own: its own parser
+        from .ila import compare_layers_main
+
+        return compare_layers_main(argv[1:])
     stage_lines = "\n".join(f"    {name:<10}{spec.summary}" for name, spec in STAGES.items())
     parser = argparse.ArgumentParser(
         prog="allo-train",
         description=f"{__doc__}\nstages:\n{stage_lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=(*STAGES, "pipeline", "correct-answers", "demo"))
+    parser.add_argument("command", choices=(*STAGES, "pipeline", "correct-answers", "compare-layers", "demo"))
     parser.add_argument("--config", help="YAML config (TRL field names; see README)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint that verifies; skip finished stages"

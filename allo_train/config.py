@@ -7,7 +7,7 @@ Field names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a TRL name 
     learning_rate: 5.0e-6
     pipeline: {stages: [warmup, locate, forget, improve]}
     warmup:  {data_path: pref.jsonl}
-    locate:  {importance: delta, granularity: element, ratio: 0.05}
+    locate:  {method: weight_delta, granularity: element, ratio: 0.05}
     forget:  {data_path: forget.jsonl, token_weight_source: corrected, learning_rate: 5.0e-7}
     improve: {data_path: pref.jsonl, mask_fraction: 0.1}
 
@@ -48,7 +48,8 @@ from allo_kernels.ops.token_scores import MASK_BY, MASK_SCOPES
 from .data import TOKEN_WEIGHT_SOURCES
 from .engine import LR_SCHEDULERS
 from .errors import AlloTrainError
-from .locate import DEFAULT_EXCLUDE, GRANULARITIES, IMPORTANCES, SCOPES
+from .ila import ALL_LINEAR, OBJECTIVES
+from .locate import DEFAULT_EXCLUDE, GRANULARITIES, IMPORTANCE_METHODS, IMPORTANCES, METHODS, SCOPES
 
 REPORT_TO = ("jsonl", "tensorboard", "none")
 
@@ -120,10 +121,12 @@ class WarmupStageConfig(StageTrainingArgs):
 
 @dataclass
 class LocateStageConfig:
-    """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate)."""
+    """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate); or, with
+    ``method: ila``, whole decoder layers chosen by the ``ila`` section's learned gates."""
 
-    importance: str = field(default="delta", metadata=_choices(IMPORTANCES))
-    divide_by_lr: bool = False  # "delta": |theta_warm - theta_start| / learning_rate of the warm-up
+    method: str | None = field(default=None, metadata=_choices(METHODS))  # None: "weight_delta"
+    importance: str | None = field(default=None, metadata=_choices(IMPORTANCES))  # earlier name of method
+    divide_by_lr: bool = False  # "weight_delta": |theta_warm - theta_start| / learning_rate of the warm-up
     granularity: str = field(default="element", metadata=_choices(GRANULARITIES))
     ratio: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
     scope: str = field(default="global", metadata=_choices(SCOPES))
@@ -134,14 +137,53 @@ class LocateStageConfig:
     grad_num_batches: int = field(default=16, metadata=_range(1))
 
     def check(self, stage: str) -> None:
-        for i, pattern in enumerate(self.exclude):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ValueError(
-                        f"config key '{stage}.exclude[{i}]' is not a valid regex: {pattern!r} ({e})"
-                    ) from None
+        _check_patterns(f"{stage}.exclude", self.exclude)
+        if self.importance is not None:  # the earlier key: delta -> weight_delta, grad -> grad
+            meant = IMPORTANCE_METHODS[self.importance]
+            if self.method not in (None, meant):
+                raise ValueError(
+                    f"config keys '{stage}.method' ({self.method!r}) and '{stage}.importance' (its earlier name, "
+                    f"{self.importance!r} = {meant!r}) disagree; set only {stage}.method"
+                )
+            self.method = meant
+        self.method = self.method or "weight_delta"
+
+
+@dataclass
+class IlaStageConfig(WarmupStageConfig):
+    """ILA (allo_train.ila): LoRA on the decoder layers trained with ``objective`` (phase 1), then one learned gate
+    per layer on the LoRA increments (phase 2); writes the layer ranking and masks of the top ``keep_layers``.
+
+    The training keys (learning rate, batch size, lengths, ...) are phase 1's; ``beta``/``loss_type``/... apply to
+    the "dpo" objective, ``completion_field`` to "sft". ``data_path`` None: the objective's stage's (warmup's for
+    "dpo", sft's for "sft"). Layer shares (``keep_layers``, ``gate_target_layers``): an integer is a count of
+    layers, a float in (0, 1] a fraction of them, rounded up (0.25 of 2 layers is 1 layer)."""
+
+    # LoRA's own default: not the top-level rate, which is sized for full-parameter training.
+    learning_rate: float | None = field(default=1e-4, metadata=_range(0, lo_open=True))
+    objective: str = field(default="dpo", metadata=_choices(OBJECTIVES))
+    completion_field: str = "completion"  # objective "sft": the completion key of the data
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # module names in each decoder layer
+    lora_r: int = field(default=8, metadata=_range(1))
+    lora_alpha: float = field(default=16.0, metadata=_range(0, lo_open=True))
+    lora_dropout: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
+    lora_steps: int | None = field(default=None, metadata=_range(1))  # phase 1; None: max_steps / num_train_epochs
+    gate_steps: int = field(default=100, metadata=_range(1))  # phase 2
+    gate_learning_rate: float = field(default=0.05, metadata=_range(0, lo_open=True))  # Adam on the gate logits
+    gate_per_module: bool = False  # one gate per (layer, module) instead of per layer
+    gate_penalty: float = field(default=0.1, metadata=_range(0))  # lambda of the sparsity term
+    gate_target_layers: int | float | None = None  # None: lambda * mean(gate); else lambda * (mean(gate) - k/n)^2
+    keep_layers: int | float = 0.25  # the layers the masks select, by learned gate
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))  # frozen even in selected layers
+
+    def check(self, stage: str) -> None:
+        super().check(stage)
+        _check_patterns(f"{stage}.exclude", self.exclude)
+        _check_layer_share(f"{stage}.keep_layers", self.keep_layers)
+        if self.gate_target_layers is not None:
+            _check_layer_share(f"{stage}.gate_target_layers", self.gate_target_layers)
+        if not self.target_modules:
+            raise ValueError(f"config key '{stage}.target_modules' must name at least one module, got []")
 
 
 @dataclass
@@ -360,7 +402,7 @@ class ConfigChangedError(AlloTrainError):
     """A checkpoint was written under other training settings than the config of the run that resumes it."""
 
 
-def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
+def training_settings(cfg: TrainConfig, stage: str, section: Any = None) -> dict[str, Any]:
     """The settings that decide what a training stage computes, as ``{dotted key: value}`` (JSON values).
 
     The stage section as resolved (its own values and the top-level ones it inherits: learning rate, schedule,
@@ -368,8 +410,9 @@ def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     top-level ``seed``, ``bf16``, ``tokenizer_name_or_path`` and ``deepspeed.zero_optimization``. Not included:
     logging/saving/evaluation cadence, ``output_dir``, ``report_to``, ``save_total_limit``,
     ``gradient_checkpointing`` (same math), ``trust_remote_code``. The caller adds what it resolves itself (the
-    starting model, the masks' digest)."""
-    section = cfg.section(stage)
+    starting model, the masks' digest). ``section``: the stage's section as the stage resolved it (default: the
+    config's)."""
+    section = cfg.section(stage) if section is None else section
     out = {f"{stage}.{k}": v for k, v in dataclasses.asdict(section).items() if k not in SCHEDULE_ONLY_KEYS}
     ds = resolve_deepspeed_config(cfg) or {}
     out.update(
@@ -550,6 +593,24 @@ def _check_value(dotted: str, value: Any, meta: Any) -> Any:
             interval = f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
             raise ValueError(f"config key {dotted!r} must be in {interval}, got {value!r}")
     return value
+
+
+def _check_patterns(key: str, patterns: list[str]) -> None:
+    for i, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ValueError(f"config key '{key}[{i}]' is not a valid regex: {pattern!r} ({e})") from None
+
+
+def _check_layer_share(key: str, value: int | float) -> None:
+    """A number of layers (an integer >= 1) or a fraction of them (a float in (0, 1])."""
+    if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value <= 1):
+        raise ValueError(
+            f"config key {key!r} must be a number of layers (an integer >= 1) or a fraction of them (a float in "
+            f"(0, 1]), got {value!r}"
+        )
 
 
 def _check_lengths(prefix: str, section: Any) -> None:

@@ -126,6 +126,22 @@ class _Collate:
         return batch
 
 
+def batch_loader(
+    features: list[dict],
+    collator: Callable,
+    ref_rows: list[torch.Tensor] | None,
+    *,
+    paired: bool,
+    batch_size: int,
+    sampler: torch.utils.data.Sampler,
+) -> torch.utils.data.DataLoader:
+    """Batches of ``features`` in ``sampler``'s order through the stage's collator, each with its cached reference
+    rows (``ref_rows``: one per sequence, chosen and rejected interleaved for pairs; None: none)."""
+    return torch.utils.data.DataLoader(
+        _Indexed(features), batch_size=batch_size, sampler=sampler, collate_fn=_Collate(collator, ref_rows, paired)
+    )
+
+
 def _rows_of(features: list[dict], paired: bool) -> list[dict]:
     """One {input_ids, labels} per sequence (chosen, rejected interleaved for preference features)."""
     if not paired:
@@ -138,9 +154,10 @@ def _rows_of(features: list[dict], paired: bool) -> list[dict]:
 
 
 def policy_outputs(engine, batch: dict, device: torch.device) -> PolicyOutputs:
-    """Run the policy on a batch: hidden states and labels shifted into alignment, the per-token extras beside."""
+    """Run the policy on a batch: hidden states and labels shifted into alignment, the per-token extras beside.
+    ``engine``: the DeepSpeed engine, or the PolicyHiddenStates module itself (a plain torch loop)."""
     hidden = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    head = engine.module.lm_head
+    head = (engine if isinstance(engine, PolicyHiddenStates) else engine.module).lm_head
     ref, weights = batch.get("ref_logprobs"), batch.get("token_weights")
     return PolicyOutputs(
         hidden=hidden[:, :-1],
@@ -178,10 +195,12 @@ def train_stage(run: Run, spec: StageSpec) -> Path:
     return finish_stage(run, plan, engine)
 
 
-def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
+def prepare_stage(run: Run, spec: StageSpec, *, args: Any = None) -> StagePlan:
     """Everything before the engine: masks (checked against the model), data split, model, settings, resume point,
-    data order and the number of optimizer steps."""
-    cfg, args, stage = run.cfg, run.cfg.section(spec.name), spec.name
+    data order and the number of optimizer steps. ``args``: the stage's section as a runner resolved it (default:
+    the config's)."""
+    cfg, stage = run.cfg, spec.name
+    args = cfg.section(stage) if args is None else args
     masks, masks_source = stage_masks(run, stage) if spec.needs_masks else (None, "")
     in_dir = start_model_dir(cfg, stage)
     clear_stage_done(run, stage)
@@ -199,7 +218,7 @@ def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
     if masks is not None:
         check_masks_match_model(masks, lm, source=masks_source)
 
-    settings = training_settings(cfg, stage)
+    settings = training_settings(cfg, stage, args)
     settings["input_model"] = str(in_dir)
     if masks is not None:
         settings["masks_sha256"] = masks_digest(masks)
@@ -301,11 +320,13 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
     ``eval_steps``, a checkpoint every ``save_steps``."""
     cfg, args, stage, sampler, total = run.cfg, plan.args, plan.stage, plan.sampler, plan.total_steps
     collator = plan.collator
-    loader = torch.utils.data.DataLoader(
-        _Indexed(plan.train),
+    loader = batch_loader(
+        plan.train,
+        collator,
+        refs.train,
+        paired=plan.spec.paired,
         batch_size=args.per_device_train_batch_size,
         sampler=sampler,
-        collate_fn=_Collate(collator, refs.train, plan.spec.paired),
     )
 
     def loss_of(batch: dict):
