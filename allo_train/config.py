@@ -169,7 +169,7 @@ class IlaStageConfig(WarmupStageConfig):
     lora_dropout: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     lora_steps: int | None = field(default=None, metadata=_range(1))  # phase 1; None: max_steps / num_train_epochs
     gate_steps: int = field(default=100, metadata=_range(1))  # phase 2
-    gate_learning_rate: float = field(default=0.05, metadata=_range(0, lo_open=True))  # Adam on the gate logits
+    gate_learning_rate: float = field(default=0.1, metadata=_range(0, lo_open=True))  # Adam on the gate logits
     gate_per_module: bool = False  # one gate per (layer, module) instead of per layer
     gate_penalty: float = field(default=0.1, metadata=_range(0))  # lambda of the sparsity term
     gate_target_layers: int | float | None = None  # None: lambda * mean(gate); else lambda * (mean(gate) - k/n)^2
