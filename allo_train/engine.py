@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from allo_kernels.integrations.deepspeed import skip_shm_comm_build
+
 from .checkpoint import CheckpointError
 
 _DS_OWNED_KEYS = ("optimizer", "scheduler")
@@ -33,12 +35,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "gloo" and os.environ.get("WORLD_SIZE") == "1":
-            # One CPU process has nothing to all-reduce: skip DeepSpeed's JIT build of its shared-memory comm op
-            # (about a minute of C++ compilation on a fresh 2-core machine). The dict is meant to be edited.
-            import deepspeed.ops
-
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if backend == "gloo":
+            skip_shm_comm_build()  # serves inference only; its JIT build can hang on a stale lock file
         if alone:
             # A plain single-process run (no launcher): an in-memory store, so no port to race for and no
             # rendezvous file left in /tmp. DeepSpeed adopts an initialised default group as it is.

@@ -406,6 +406,9 @@ def zero_engine_bytes(engine, inner, seen_step: dict) -> dict:
 def zero_worker(args) -> None:
     import deepspeed
 
+    from allo_kernels.integrations.deepspeed import skip_shm_comm_build
+
+    skip_shm_comm_build()  # a training job never uses it; see its docstring
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.comm as dist
 

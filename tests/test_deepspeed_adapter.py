@@ -158,3 +158,47 @@ def test_only_the_adapter_knows_deepspeed():
         ]
     assert found == []
     assert internals.search(Path(ak_deepspeed.__file__).read_text(encoding="utf-8"))
+
+
+TWO_RANK_INIT = """
+import torch
+from allo_train.engine import init_distributed
+
+rank, world, _ = init_distributed()
+t = torch.tensor([float(rank + 1)])
+torch.distributed.all_reduce(t)
+print("sum", world, float(t))
+"""
+
+
+def test_two_cpu_ranks_start_past_a_stale_shm_comm_build_lock(tmp_path):
+    """A process killed while DeepSpeed JIT-built its shm comm op leaves torch's lock file behind; CPU jobs used to
+    wait on it forever (the CI hang). They must not build the op at all."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    ext = tmp_path / "torch_extensions"
+    for sub in ("py311_cpu", f"py{sys.version_info[0]}{sys.version_info[1]}_cpu"):
+        (ext / sub / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+        (ext / sub / "deepspeed_shm_comm" / "lock").write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+        env.update(MASTER_PORT=str(port), TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", TWO_RANK_INIT], env=env, stdout=subprocess.PIPE, text=True)
+        )
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("sum 2 3.0" in out for out in outs), outs
+    assert not any("deepspeed_shm_comm" in out for out in outs), outs

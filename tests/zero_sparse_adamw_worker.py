@@ -206,6 +206,9 @@ def main():
     args = ap.parse_args()
     import deepspeed
 
+    from allo_kernels.integrations.deepspeed import skip_shm_comm_build
+
+    skip_shm_comm_build()  # a training job never uses it; see its docstring
     deepspeed.init_distributed(dist_backend="gloo")
     import deepspeed.comm as dist
 

@@ -50,6 +50,21 @@ from .gather import ParamGather
 SPARSE_ADAMW_CONFIG = {"zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
 
 
+# --------------------------------------------------------------------------------------------------- process group
+def skip_shm_comm_build() -> None:
+    """Keep ``deepspeed.init_distributed`` from JIT-building DeepSpeed's CPU shared-memory comm op; call it first.
+
+    Every process of a CPU (gloo) job builds ``deepspeed_shm_comm`` in ``init_distributed`` (about a minute of C++
+    on a 2-core machine), and the op serves only ``inference_all_reduce``, which training never calls. The build
+    holds a lock file in torch's extensions folder: a process killed while building leaves it behind, and from then
+    on every CPU job waits on it forever. ``deepspeed.ops.__compatible_ops__`` is a module-level dict that DeepSpeed
+    keeps for the process, so marking the op incompatible there makes ``init_distributed`` skip it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 # --------------------------------------------------------------------------------------------------- param groups
 def _trainable(p: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``p`` stays in the optimizer; a mask that selects nothing freezes its param (it would never change,
