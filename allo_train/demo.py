@@ -94,7 +94,7 @@ class DemoSettings:
     forget_steps: int
     improve_steps: int
     dpo_lr: float  # warmup and the full-DPO baseline
-    allo_lr: float  # forget and improve (few rows: a larger step)
+    allo_lr: float  # forget and improve on the located rows (few rows: a larger step); on ILA's layers: dpo_lr
     beta: float
     locate_ratio: float  # share of the decoder layers' rows that forget/improve may update
     mask_fraction: float  # improve: share of each rejected answer's tokens masked out (highest reward first)
@@ -295,9 +295,12 @@ def allo_config(
 ):
     """ALLO: warmup -> locate (rows by weight change) -> forget -> improve; with ``layers_by_ila`` the ila stage
     (LoRA for the warm-up's steps, then the gates) replaces warmup + locate and forget/improve train ILA's top
-    layers."""
+    layers, every weight of them, at the rate of dense training (``dpo_lr``): at ``allo_lr``, sized for a quarter
+    of the rows, forget on the whole of layer 0 wrecked the full demo's model (seed 0: 2.2% exact match after
+    improve, from the SFT model's 81.8%); at ``dpo_lr``: 83.0%."""
     from .config import config_from_dict
 
+    allo_lr = s.dpo_lr if layers_by_ila else s.allo_lr
     if layers_by_ila:
         selection = {"pipeline": {"stages": ["ila", "forget", "improve"]}, "ila": _ila_section(pref, s)}
     else:
@@ -316,12 +319,12 @@ def allo_config(
                 "data_path": str(forget),
                 "token_weight_source": "corrected",
                 "max_steps": s.forget_steps,
-                "learning_rate": s.allo_lr,
+                "learning_rate": allo_lr,
             },
             "improve": {
                 "data_path": str(pref),
                 "max_steps": s.improve_steps,
-                "learning_rate": s.allo_lr,
+                "learning_rate": allo_lr,
                 "mask_fraction": s.mask_fraction,
             },
         }
@@ -384,7 +387,7 @@ TABLE_NOTE = (
     "the stage may change (ALLO: the located rows of the decoder layers; embeddings, norms and lm_head excluded). "
     "ALLO on ILA layers: the ila stage (LoRA trained with DPO for the warm-up's steps, then one learned gate per "
     "decoder layer; the gate steps train only those scalars and are not counted) replaces warmup + locate, and forget "
-    "+ improve train the top-ranked layers (norms excluded)."
+    "+ improve train the top-ranked layers (norms excluded), at full DPO's learning rate (whole layers: dense)."
 )
 
 
