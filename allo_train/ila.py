@@ -342,7 +342,7 @@ def _learn_gates(run: Run, p: _LoraPhase, targets: list[LoraTarget], out: Path) 
     sampler = D.ResumableSampler(len(p.train), seed=cfg.seed)
     bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
     loader = T.batch_loader(p.train, p.collator, p.refs.train, paired=p.spec.paired, batch_size=bs, sampler=sampler)
-    batches = iter(loader)
+    batches = T.endless_batches(loader)
     opt = torch.optim.Adam(gates.parameters(), lr=args.gate_learning_rate)
     history: list[list[float]] = [list(gates.layer_scores().values())]
     logger = MetricsLogger(cfg.stage_dir(stage), stage=stage, tensorboard="tensorboard" in cfg.report_to)
@@ -352,12 +352,7 @@ def _learn_gates(run: Run, p: _LoraPhase, targets: list[LoraTarget], out: Path) 
         for step in tqdm(range(1, args.gate_steps + 1), desc=f"{stage}: gates", dynamic_ncols=True):
             sums: dict[str, float] = {}
             for _ in range(ga):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
-                loss, _ = loss_of(batch)
+                loss, _ = loss_of(next(batches))
                 penalty = gate_penalty(gates.values(), weight=args.gate_penalty, target=target)
                 ((loss + penalty) / ga).backward()
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() / ga

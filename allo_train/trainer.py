@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,17 @@ def batch_loader(
     return torch.utils.data.DataLoader(
         _Indexed(features), batch_size=batch_size, sampler=sampler, collate_fn=_Collate(collator, ref_rows, paired)
     )
+
+
+def endless_batches(loader: Iterable) -> Iterator:
+    """``loader``'s batches pass after pass (each pass draws the sampler's next order); ends if a pass is empty."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
 
 
 def _rows_of(features: list[dict], paired: bool) -> list[dict]:
@@ -349,18 +360,14 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=step, desc=stage, disable=run.rank != 0, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = endless_batches(loader)
     sums: dict[str, float] = {}
     count = 0
     try:
         while step < total:
             engine.train()
             for _ in range(args.gradient_accumulation_steps):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
+                batch = next(batches)
                 loss, metrics = loss_of(batch)
                 engine.backward(loss)
                 engine.step()
