@@ -12,7 +12,7 @@ import importlib.util
 import sys
 
 # Import names of the ``train`` extra's packages in pyproject.toml (pyyaml installs ``yaml``).
-TRAIN_MODULES = ("yaml", "transformers", "deepspeed", "safetensors", "tqdm", "matplotlib")
+TRAIN_MODULES = ("yaml", "transformers", "deepspeed", "safetensors", "tqdm", "matplotlib", "peft")
 
 
 def missing_train_modules() -> list[str]:

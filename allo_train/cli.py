@@ -5,6 +5,7 @@ usage:
     allo-train STAGE --config cfg.yaml [overrides] [--resume]             one stage (listed below)
     allo-train config [STAGE] [--config cfg.yaml] [overrides]             every config key, its value and meaning
     allo-train correct-answers --model DIR --input answers.jsonl --output corrected.jsonl
+    allo-train compare-layers A.json B.json [--top K]                     overlap of two ILA layer selections
     allo-train demo [--output-dir DIR] [--seed N] [--overwrite]
 
 Overrides are dotted keys: improve.mask_fraction=0.5, --learning_rate 1e-5.
@@ -30,13 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     from .stages import STAGES
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare-layers"]:  # positional files of its own: its own parser
+        from .ila import compare_layers_main
+
+        return compare_layers_main(argv[1:])
     stage_lines = "\n".join(f"    {name:<10}{spec.summary}" for name, spec in STAGES.items())
     parser = argparse.ArgumentParser(
         prog="allo-train",
         description=f"{__doc__}\nstages:\n{stage_lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=(*STAGES, "pipeline", "config", "correct-answers", "demo"))
+    parser.add_argument("command", choices=(*STAGES, "pipeline", "config", "correct-answers", "compare-layers", "demo"))
     parser.add_argument("--config", help="YAML config (TRL field names; `allo-train config` lists every key)")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint that verifies; skip finished stages"

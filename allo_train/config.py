@@ -7,7 +7,7 @@ Field names follow TRL's ``DPOConfig`` / ``TrainingArguments`` where a TRL name 
     learning_rate: 5.0e-6
     pipeline: {stages: [warmup, locate, forget, improve]}
     warmup:  {data_path: pref.jsonl}
-    locate:  {importance: delta, granularity: element, ratio: 0.05}
+    locate:  {method: weight_delta, granularity: element, ratio: 0.05}
     forget:  {data_path: forget.jsonl, token_weight_source: corrected}
     improve: {data_path: pref.jsonl, mask_fraction: 0.9}
 
@@ -68,6 +68,9 @@ _GRANULARITIES_REF = "allo_train.locate:GRANULARITIES"
 _SCOPES_REF = "allo_train.locate:SCOPES"
 _DEFAULT_EXCLUDE_REF = "allo_train.locate:DEFAULT_EXCLUDE"
 _SPARSITY_MODES_REF = "allo_train.sparsity:SPARSITY_MODES"
+_METHODS_REF = "allo_train.locate:METHODS"
+_IMPORTANCE_METHODS_REF = "allo_train.locate:IMPORTANCE_METHODS"
+_OBJECTIVES_REF = "allo_train.ila:OBJECTIVES"
 
 
 def __getattr__(name: str) -> Any:
@@ -151,6 +154,9 @@ def _stage_default(name: str, value: Any, source: str) -> Any:
 # Sources of the stages' own defaults (the README's defaults table lists them, a test compares it with these classes).
 ALLO_CODE = "ALLO official code"
 ALIGNER_PAPER = "Aligner paper"
+ILA_LORA = "LoRA's usual rate (ILA trains LoRA first)"
+# ILA target_modules value: every linear module of the decoder layers (PEFT's word for it).
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -192,13 +198,21 @@ class WarmupStageConfig(StageTrainingArgs):
 
 @dataclass
 class LocateStageConfig:
-    """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate)."""
+    """Neuron location: importance per parameter, then the top ``ratio`` of it (see allo_train.locate); or, with
+    ``method: ila``, whole decoder layers chosen by the ``ila`` section's learned gates."""
 
-    importance: str = field(
-        default="delta",
-        metadata=_choices(_IMPORTANCES_REF, "delta: |theta_warm - theta_start|; grad: accumulated |DPO gradient|"),
+    method: str | None = field(
+        default=None,
+        metadata=_choices(
+            _METHODS_REF,
+            "weight_delta: |theta_warm - theta_start|; grad: accumulated |DPO gradient|; ila: the ila stage's "
+            "learned layer gates; null: weight_delta",
+        ),
     )
-    divide_by_lr: bool = field(default=False, metadata=_doc("delta: divide by the warm-up's learning rate"))
+    importance: str | None = field(
+        default=None, metadata=_choices(_IMPORTANCES_REF, "earlier name of method (delta = weight_delta)")
+    )
+    divide_by_lr: bool = field(default=False, metadata=_doc("weight_delta: divide by the warm-up's learning rate"))
     granularity: str = field(
         default="element",
         metadata=_choices(_GRANULARITIES_REF, "what is selected: single weights, rows (neurons) or whole layers"),
@@ -217,20 +231,71 @@ class LocateStageConfig:
         default=None, metadata=_doc("the model before the warm-up; null: the stage's start")
     )
     warm_model: str | None = field(default=None, metadata=_doc("the warmed-up model; null: the warmup stage's output"))
-    data_path: str | None = field(
-        default=None, metadata=_doc("importance grad: preference JSONL; null: warmup.data_path")
-    )
-    grad_num_batches: int = field(default=16, metadata=_range(1, doc="importance grad: batches accumulated"))
+    data_path: str | None = field(default=None, metadata=_doc("method grad: preference JSONL; null: warmup.data_path"))
+    grad_num_batches: int = field(default=16, metadata=_range(1, doc="method grad: batches accumulated"))
 
     def check(self, stage: str) -> None:
-        for i, pattern in enumerate(self.exclude or ()):
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ValueError(
-                        f"config key '{stage}.exclude[{i}]' is not a valid regex: {pattern!r} ({e})"
-                    ) from None
+        _check_patterns(f"{stage}.exclude", self.exclude or ())
+        if self.importance is not None:  # the earlier key: delta -> weight_delta, grad -> grad
+            meant = owner_value(_IMPORTANCE_METHODS_REF)[self.importance]
+            if self.method not in (None, meant):
+                raise ValueError(
+                    f"config keys '{stage}.method' ({self.method!r}) and '{stage}.importance' (its earlier name, "
+                    f"{self.importance!r} = {meant!r}) disagree; set only {stage}.method"
+                )
+            self.method = meant
+        self.method = self.method or "weight_delta"
+
+
+@dataclass
+class IlaStageConfig(WarmupStageConfig):
+    """ILA (allo_train.ila): LoRA on the decoder layers trained with ``objective`` (phase 1), then one learned gate
+    per layer on the LoRA increments (phase 2); writes the layer ranking and masks of the top ``keep_layers``.
+
+    The training keys (learning rate, batch size, lengths, ...) are phase 1's; ``beta``/``loss_type``/... apply to
+    the "dpo" objective, ``completion_field`` to "sft". ``data_path`` None: the objective's stage's (warmup's for
+    "dpo", sft's for "sft"). Layer shares (``keep_layers``, ``gate_target_layers``): an integer is a count of
+    layers, a float in (0, 1] a fraction of them, rounded up (0.25 of 2 layers is 1 layer)."""
+
+    # LoRA's own default: not the top-level rate, which is sized for full-parameter training.
+    learning_rate: float | None = _stage_default("learning_rate", 1e-4, ILA_LORA)
+    objective: str = field(default="dpo", metadata=_choices(_OBJECTIVES_REF, "phase 1's objective"))
+    completion_field: str = field(default="completion", metadata=_doc("objective sft: the completion key of the data"))
+    target_modules: list[str] = field(
+        default_factory=lambda: [ALL_LINEAR],
+        metadata=_doc(f"module names in each decoder layer that get LoRA; {ALL_LINEAR!r}: every linear module"),
+    )
+    lora_r: int = field(default=8, metadata=_range(1, doc="LoRA rank"))
+    lora_alpha: float = field(default=16.0, metadata=_range(0, lo_open=True, doc="LoRA alpha"))
+    lora_dropout: float = field(default=0.0, metadata=_range(0, 1, hi_open=True, doc="LoRA dropout"))
+    lora_steps: int | None = field(
+        default=None, metadata=_range(1, doc="phase 1 steps; null: max_steps / num_train_epochs")
+    )
+    gate_steps: int = field(default=100, metadata=_range(1, doc="phase 2 steps (gates only)"))
+    gate_learning_rate: float = field(
+        default=0.1, metadata=_range(0, lo_open=True, doc="Adam's learning rate on the gate logits")
+    )
+    gate_per_module: bool = field(default=False, metadata=_doc("one gate per (layer, module) instead of per layer"))
+    gate_penalty: float = field(default=0.1, metadata=_range(0, doc="lambda of the sparsity term"))
+    gate_target_layers: int | float | None = field(
+        default=None,
+        metadata=_doc("null: lambda * mean(gate); else lambda * (mean(gate) - k/n)^2 (a count or a fraction)"),
+    )
+    keep_layers: int | float = field(
+        default=0.25, metadata=_doc("the layers the masks select, by learned gate (a count or a fraction)")
+    )
+    exclude: list[str] | None = field(
+        default=None, metadata=_doc("frozen even in selected layers (glob, or re:regex); null: locate.DEFAULT_EXCLUDE")
+    )
+
+    def check(self, stage: str) -> None:
+        super().check(stage)
+        _check_patterns(f"{stage}.exclude", self.exclude or ())
+        _check_layer_share(f"{stage}.keep_layers", self.keep_layers)
+        if self.gate_target_layers is not None:
+            _check_layer_share(f"{stage}.gate_target_layers", self.gate_target_layers)
+        if not self.target_modules:
+            raise ValueError(f"config key '{stage}.target_modules' must name at least one module, got []")
 
 
 @dataclass
@@ -494,9 +559,10 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     _resolve_and_check(cfg, raw)
     for dotted, value, ref in owned:
         _check_value(dotted, value, {"choices": owner_value(ref)})
-    locate = cfg.sections.get("locate")
-    if locate is not None and locate.exclude is None:
-        locate.exclude = list(owner_value(_DEFAULT_EXCLUDE_REF))
+    for name in ("locate", "ila"):
+        section = cfg.sections.get(name)
+        if section is not None and section.exclude is None:
+            section.exclude = list(owner_value(_DEFAULT_EXCLUDE_REF))
     return cfg
 
 
@@ -598,7 +664,7 @@ class ConfigChangedError(AlloTrainError):
     """A checkpoint was written under other training settings than the config of the run that resumes it."""
 
 
-def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
+def training_settings(cfg: TrainConfig, stage: str, section: Any = None) -> dict[str, Any]:
     """The settings that decide what a training stage computes, as ``{dotted key: value}`` (JSON values).
 
     The stage section as resolved (its own values and the top-level ones it inherits: learning rate, schedule,
@@ -606,8 +672,9 @@ def training_settings(cfg: TrainConfig, stage: str) -> dict[str, Any]:
     top-level ``seed``, ``bf16``, ``tokenizer_name_or_path`` and ``deepspeed.zero_optimization``. Not included:
     logging/saving/evaluation cadence, ``output_dir``, ``report_to``, ``save_total_limit``,
     ``gradient_checkpointing`` (same math), ``trust_remote_code``. The caller adds what it resolves itself (the
-    starting model, the masks' digest, and ``<stage>.sparsity`` as the stage decided it when the key is unset)."""
-    section = cfg.section(stage)
+    starting model, the masks' digest, and ``<stage>.sparsity`` as the stage decided it when the key is unset).
+    ``section``: the stage's section as the stage resolved it (default: the config's)."""
+    section = cfg.section(stage) if section is None else section
     out = {f"{stage}.{k}": v for k, v in dataclasses.asdict(section).items() if k not in SCHEDULE_ONLY_KEYS}
     ds = resolve_deepspeed_config(cfg) or {}
     out.update(
@@ -795,6 +862,24 @@ def _check_value(dotted: str, value: Any, meta: Any, owned: list | None = None) 
             interval = f"{'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
             raise ValueError(f"config key {dotted!r} must be in {interval}, got {value!r}")
     return value
+
+
+def _check_patterns(key: str, patterns: list[str]) -> None:
+    for i, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ValueError(f"config key '{key}[{i}]' is not a valid regex: {pattern!r} ({e})") from None
+
+
+def _check_layer_share(key: str, value: int | float) -> None:
+    """A number of layers (an integer >= 1) or a fraction of them (a float in (0, 1])."""
+    if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value <= 1):
+        raise ValueError(
+            f"config key {key!r} must be a number of layers (an integer >= 1) or a fraction of them (a float in "
+            f"(0, 1]), got {value!r}"
+        )
 
 
 def _check_lengths(prefix: str, section: Any) -> None:

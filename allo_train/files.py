@@ -4,6 +4,7 @@
 * :func:`new_temp_dir`: a private ``.tmp-<name>-<pid>-<ns>`` directory beside the final one (same file system, so the
   final rename cannot cross devices), created with the process umask (``tempfile.mkdtemp`` would make it 0700, and
   the rename would keep that mode); :func:`apply_umask` gives files the umask's mode too (safetensors writes 0600).
+* :func:`write_atomic`: one file written beside its final name and renamed onto it.
 * :func:`swap_in_dir`: publish a finished directory under its final name without a moment where neither the old nor
   the new one is complete: old -> backup, new -> final, fsync the parent, delete the backup.
 * :func:`naming_write_errors`: a write that fails because the file system is full becomes :class:`DiskFullError`,
@@ -21,7 +22,7 @@ import errno
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def write_durable(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` into ``.<name>.tmp-<pid>`` beside ``path``, give it the umask's mode, then rename it to ``path``:
+    ``path`` is the old file or the complete new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with naming_write_errors(tmp):
+        write(tmp)
+    apply_umask(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def new_temp_dir(parent: Path, name: str) -> Path:

@@ -8,9 +8,10 @@
    * ``"element"``: one bool per weight, mask shape = parameter shape;
    * ``"row"`` (neurons): one bool per output row, a 1-D mask over dim 0; a row's score is the mean importance of
      its elements;
-   * ``"layer"`` (ILA-like, all-or-nothing): decoder layers are ranked by the mean importance of their (non-excluded)
+   * ``"layer"`` (all-or-nothing): decoder layers are ranked by the mean importance of their (non-excluded)
      elements and the top ``floor(ratio * n_layers)`` layers are selected; masks are 1-D over dim 0 and all-True
-     in selected layers; parameters outside any numbered layer are not selected.
+     in selected layers; parameters outside any numbered layer are not selected (:func:`layer_masks`; ILA,
+     ``allo_train.ila``, learns the ranking of layers instead and writes the same masks).
    ``scope="global"`` ranks all candidates together; ``"per_matrix"`` selects ``floor(ratio * n)`` within each
    parameter (element/row only). Exactly ``k = floor(ratio * n_candidates)`` elements/rows are selected: ties at the
    threshold go to the earlier position, positions ordered by the importance mapping's key order, then row-major
@@ -32,7 +33,6 @@ import fnmatch
 import hashlib
 import json
 import math
-import os
 import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,12 +42,16 @@ from pathlib import Path
 
 import torch
 
-from .files import apply_umask, naming_write_errors
+from .files import write_atomic
 
 GRANULARITIES = ("element", "row", "layer")
 SCOPES = ("global", "per_matrix")
-# How the locate stage measures importance: "delta" = |theta_warm - theta_start|, "grad" = accumulated |grad|.
+# How the locate stage selects (config key locate.method): "weight_delta" = |theta_warm - theta_start|, "grad" =
+# accumulated |grad|, "ila" = whole decoder layers ranked by learned gates on LoRA increments (allo_train.ila).
+METHODS = ("weight_delta", "grad", "ila")
+# The earlier key locate.importance and its values, still read: {value: the method it means}.
 IMPORTANCES = ("delta", "grad")
+IMPORTANCE_METHODS = {"delta": "weight_delta", "grad": "grad"}
 # Not candidates unless the config says otherwise: embeddings, norms and lm_head (fnmatch patterns on the name).
 DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*.ln_*", "*ln_f*", "lm_head*", "*.lm_head*")
 MASKS_FILE = "masks.safetensors"
@@ -156,7 +160,7 @@ class SafetensorsState(Mapping):
 def save_importance(importance: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     from safetensors.torch import save_file
 
-    return _atomic(Path(path), lambda tmp: save_file({k: v.contiguous() for k, v in importance.items()}, str(tmp)))
+    return write_atomic(Path(path), lambda tmp: save_file({k: v.contiguous() for k, v in importance.items()}, str(tmp)))
 
 
 def load_importance(path: str | Path) -> dict[str, torch.Tensor]:
@@ -348,6 +352,23 @@ def select_masks(
     return masks
 
 
+def layer_masks(
+    shapes: Mapping[str, Sequence[int]], layers: Iterable[int], *, exclude: Sequence[str] = DEFAULT_EXCLUDE
+) -> dict[str, torch.Tensor]:
+    """Masks at layer granularity for chosen ``layers`` (what ``select_masks(granularity="layer")`` writes for the
+    layers it ranks first): for every parameter of ``shapes`` a 1-D mask over dim 0, all-True for the non-excluded
+    parameters of those layers, all-False for the rest."""
+    chosen = set(layers)
+    return {
+        name: torch.full(
+            _row_mask_shape(torch.Size(shape)),
+            layer_index(name) in chosen and not is_excluded(name, exclude),
+            dtype=torch.bool,
+        )
+        for name, shape in shapes.items()
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Stats, files, heatmap
 # --------------------------------------------------------------------------------------------------------------------
@@ -410,7 +431,7 @@ def mask_stats(
 def plot_mask_heatmap(stats: Mapping, path: str | Path, *, title: str | None = None) -> Path:
     """:func:`mask_heatmap_figure` written to ``path`` as a PNG (atomically)."""
     fig = mask_heatmap_figure(stats, title=title)
-    return _atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 # The heatmap's colour bar, and how it shows modules that were never candidates.
@@ -461,16 +482,6 @@ def mask_heatmap_figure(stats: Mapping, *, title: str | None = None):
     return fig
 
 
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with naming_write_errors(tmp):
-        write(tmp)
-    apply_umask(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 @dataclass
 class LocateResult:
     masks: dict[str, torch.Tensor]
@@ -492,12 +503,12 @@ def save_masks(
 
     out_dir = Path(out_dir)
     cpu = {k: v.detach().to("cpu", torch.bool).contiguous() for k, v in masks.items()}
-    masks_path = _atomic(out_dir / MASKS_FILE, lambda tmp: save_file(cpu, str(tmp)))
+    masks_path = write_atomic(out_dir / MASKS_FILE, lambda tmp: save_file(cpu, str(tmp)))
     stats_path = out_dir / STATS_FILE
     heatmap_path = None
     if stats is not None:
         text = json.dumps(stats, indent=2)
-        _atomic(stats_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_atomic(stats_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         if heatmap and stats.get("layers"):
             heatmap_path = plot_mask_heatmap(stats, out_dir / HEATMAP_FILE)
     return LocateResult(dict(masks), dict(stats or {}), masks_path, stats_path, heatmap_path)

@@ -3,6 +3,7 @@
     sft / correct   cross-entropy on responses (Aligner: on corrections of {question, answer})
     warmup          full-parameter DPO; its weight change locates the neurons
     locate          importance -> masks (element / row / layer), stats, heatmap
+    ila             LoRA, then learned gates per decoder layer -> layer ranking and layer masks (allo_train.ila)
     forget          ALLO token-weighted NPO on the selected neurons (ratio N1)
     improve         ALLO DPO on the selected neurons (ratio N2), most of each rejected response's tokens dropped
 
@@ -15,15 +16,16 @@ A stage is one :class:`StageSpec` entry in ``STAGES`` plus its functions:
 * what the training loop (trainer.py) does around them: ``needs_reference`` (per-token reference log-probs of the
   starting model, computed once and cached), ``needs_masks`` (only the neurons locate selected train; the section
   has a ``ratio``), ``starts_from`` (which model the stage trains);
-* ``runner``: for a stage that is not a training run (locate), the function that runs it instead of the loop.
+* ``runner``: for a stage that is not a training run (locate, ila), the function that runs it instead of the loop.
 
 cli.py (the commands), config.py (the sections) and trainer.py (the loop) read this table; nothing else lists the
 stages. Adding a stage: write its section, data and loss functions, and one entry.
 
 Model flow (``starts_from``): a stage starts from the output of the first stage of its ``starts_from`` that is in the
-pipeline, else from ``model_name_or_path``. So warmup, locate and forget start from sft's model when sft runs,
+pipeline, else from ``model_name_or_path``. So warmup, locate, ila and forget start from sft's model when sft runs,
 improve from forget's; each stage's reference is its own starting model; locate compares its start with the warm-up
-result.
+result. Masks flow: forget and improve train the neurons of ``<output_dir>/locate/masks.safetensors`` (whatever
+``locate.method`` wrote there), or of ila's masks when the pipeline runs ila and not locate.
 
 Words: the neurons (rows or elements) a stage trains are *selected* by *masks* (locate, SparseAdamW); the tokens
 the improving stage leaves out of its loss are *dropped* (its keys keep their published names, ``mask_fraction``
@@ -33,6 +35,7 @@ the improving stage leaves out of its loss are *dropped* (its keys keep their pu
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from .config import (
     CorrectStageConfig,
     ForgetStageConfig,
+    IlaStageConfig,
     ImproveStageConfig,
     LocateStageConfig,
     SFTStageConfig,
@@ -119,16 +123,28 @@ def start_model_dir(cfg: TrainConfig, stage: str) -> Path:
     return Path(cfg.model_name_or_path)
 
 
+def masks_stage(cfg: TrainConfig) -> str:
+    """The stage whose masks forget and improve train: ila when the pipeline runs ila and not locate, else locate."""
+    stages = cfg.pipeline.stages
+    return "ila" if "ila" in stages and "locate" not in stages else "locate"
+
+
 def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Masks of the neurons ``stage`` trains and where they come from: the located masks, re-selected from the saved
-    importance when the stage's ratio (N1 / N2) differs from locate.ratio."""
+    """Masks of the neurons ``stage`` trains and where they come from: the located masks (see :func:`masks_stage`),
+    re-selected from the saved importance when the stage's ratio (N1 / N2) differs from locate.ratio."""
     from .locate import IMPORTANCE_FILE, MASKS_FILE, load_importance, load_masks, select_masks
 
     cfg = run.cfg
-    loc = cfg.stage_dir("locate")
+    source = masks_stage(cfg)
+    loc = cfg.stage_dir(source)
     ratio = cfg.section(stage).ratio
     if ratio is None or ratio == cfg.locate.ratio:
         return load_masks(loc), f"masks file {loc / MASKS_FILE}"
+    if source == "ila" or cfg.locate.method == "ila":
+        raise ValueError(
+            f"config key '{stage}.ratio' ({ratio}) differs from locate.ratio, which re-selects neurons from locate's "
+            f"importance; ILA selects whole layers (ila.keep_layers): leave {stage}.ratio unset"
+        )
     importance = load_importance(loc / IMPORTANCE_FILE)
     masks = select_masks(
         importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope, exclude=cfg.locate.exclude
@@ -256,17 +272,20 @@ def forgetting_collator(pad_token_id: int) -> Callable:
 
 # ----------------------------------------------------------------------------------------------------- locate
 def locate_stage(run: Run, spec: StageSpec) -> Path:
-    """Importance of every parameter (weight change of the warm-up, or accumulated gradients), then the masks of the
-    top ``ratio``, with their stats and heatmap (rank 0; plain torch, no engine)."""
+    """Importance of every parameter (``locate.method``: weight change of the warm-up, or accumulated gradients), then
+    the masks of the top ``ratio``, with their stats and heatmap (rank 0; plain torch, no engine); or, for method
+    ``ila``, the layers ILA ranks first (:func:`locate_by_ila`)."""
     from .locate import IMPORTANCE_FILE, SafetensorsState, delta_importance, locate, save_importance
     from .run import clear_stage_done, mark_stage_done
 
     cfg, args = run.cfg, run.cfg.section(spec.name)
     out = cfg.stage_dir(spec.name)
     clear_stage_done(run, spec.name)
+    if args.method == "ila":
+        return locate_by_ila(run, spec)
     if run.rank == 0:
         start = Path(args.start_model) if args.start_model else start_model_dir(cfg, spec.name)
-        if args.importance == "delta":
+        if args.method == "weight_delta":
             warm = Path(args.warm_model) if args.warm_model else model_dir(cfg, "warmup")
             importance = delta_importance(
                 SafetensorsState(start),
@@ -282,6 +301,35 @@ def locate_stage(run: Run, spec: StageSpec) -> Path:
         print(f"[allo-train] {spec.name}: masks at {result.masks_path}, stats at {result.stats_path}")
         mark_stage_done(cfg, spec.name, result.masks_path)
         run.notes[spec.name] = {"trained_fraction": result.stats["total"]["fraction"], "output": result.masks_path}
+    run.barrier()
+    return out
+
+
+def ila_stage(run: Run, spec: StageSpec) -> Path:
+    """The ila stage (allo_train.ila: LoRA, then learned layer gates); imported when it runs (it imports peft)."""
+    from .ila import ila_stage as run_ila
+
+    return run_ila(run, spec)
+
+
+def locate_by_ila(run: Run, spec: StageSpec) -> Path:
+    """``locate.method: ila``: the ila stage runs (its section's settings, its files in ``<output_dir>/ila/``) and its
+    layer masks, stats, heatmap, ranking and plot are copied into locate's directory, where forget and improve read
+    them."""
+    from .files import write_atomic
+    from .ila import LAYER_IMPORTANCE_FILE, PLOT_FILE
+    from .locate import HEATMAP_FILE, MASKS_FILE, STATS_FILE
+    from .run import mark_stage_done
+
+    cfg = run.cfg
+    ila_dir = STAGES["ila"].runner(run, STAGES["ila"])
+    out = cfg.stage_dir(spec.name)
+    if run.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (MASKS_FILE, STATS_FILE, HEATMAP_FILE, LAYER_IMPORTANCE_FILE, PLOT_FILE):
+            write_atomic(out / name, lambda tmp, name=name: shutil.copyfile(ila_dir / name, tmp))
+        print(f"[allo-train] {spec.name}: masks of ILA's layers at {out / MASKS_FILE}")
+        mark_stage_done(cfg, spec.name, out / MASKS_FILE)
     run.barrier()
     return out
 
@@ -359,6 +407,13 @@ STAGES: dict[str, StageSpec] = {
             section=LocateStageConfig,
             summary="importance -> masks of the neurons forget and improve train",
             runner=locate_stage,
+            starts_from=("sft",),
+        ),
+        StageSpec(
+            name="ila",
+            section=IlaStageConfig,
+            summary="ILA: LoRA, then learned gates rank the decoder layers -> masks of the top layers",
+            runner=ila_stage,
             starts_from=("sft",),
         ),
         StageSpec(

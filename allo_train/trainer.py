@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,33 @@ class _Collate:
         return batch
 
 
+def batch_loader(
+    features: list[dict],
+    collator: Callable,
+    ref_rows: list[torch.Tensor] | None,
+    *,
+    paired: bool,
+    batch_size: int,
+    sampler: torch.utils.data.Sampler,
+) -> torch.utils.data.DataLoader:
+    """Batches of ``features`` in ``sampler``'s order through the stage's collator, each with its cached reference
+    rows (``ref_rows``: one per sequence, chosen and rejected interleaved for pairs; None: none)."""
+    return torch.utils.data.DataLoader(
+        _Indexed(features), batch_size=batch_size, sampler=sampler, collate_fn=_Collate(collator, ref_rows, paired)
+    )
+
+
+def endless_batches(loader: Iterable) -> Iterator:
+    """``loader``'s batches pass after pass (each pass draws the sampler's next order); ends if a pass is empty."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
 def _rows_of(features: list[dict], paired: bool) -> list[dict]:
     """One {input_ids, labels} per sequence (chosen, rejected interleaved for preference features)."""
     if not paired:
@@ -155,9 +182,10 @@ def _rows_of(features: list[dict], paired: bool) -> list[dict]:
 
 
 def policy_outputs(engine, batch: dict, device: torch.device) -> PolicyOutputs:
-    """Run the policy on a batch: hidden states and labels shifted into alignment, the per-token extras beside."""
+    """Run the policy on a batch: hidden states and labels shifted into alignment, the per-token extras beside.
+    ``engine``: the DeepSpeed engine, or the PolicyHiddenStates module itself (a plain torch loop)."""
     hidden = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    head = engine.module.lm_head
+    head = (engine if isinstance(engine, PolicyHiddenStates) else engine.module).lm_head
     ref, weights = batch.get("ref_logprobs"), batch.get("token_weights")
     return PolicyOutputs(
         hidden=hidden[:, :-1],
@@ -198,10 +226,12 @@ def train_stage(run: Run, spec: StageSpec) -> Path:
     return out
 
 
-def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
+def prepare_stage(run: Run, spec: StageSpec, *, args: Any = None) -> StagePlan:
     """Everything before the engine: masks (checked against the model), data split, model, settings, resume point,
-    data order and the number of optimizer steps."""
-    cfg, args, stage = run.cfg, run.cfg.section(spec.name), spec.name
+    data order and the number of optimizer steps. ``args``: the stage's section as a runner resolved it (default:
+    the config's)."""
+    cfg, stage = run.cfg, spec.name
+    args = cfg.section(stage) if args is None else args
     with input_errors():  # bad masks or data are the user's to fix: one line from the CLI
         masks, masks_source = stage_masks(run, stage) if spec.needs_masks else (None, "")
         in_dir = start_model_dir(cfg, stage)
@@ -224,7 +254,7 @@ def prepare_stage(run: Run, spec: StageSpec) -> StagePlan:
             check_masks_match_model(masks, lm, source=masks_source)
         sparsity, deltas = choose_sparsity(run, stage, lm, masks)
 
-    settings = training_settings(cfg, stage)
+    settings = training_settings(cfg, stage, args)
     settings["input_model"] = str(in_dir)
     if masks is not None:
         settings["masks_sha256"] = masks_digest(masks)
@@ -355,11 +385,13 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> dict[str,
     logging step. Returns the last logged metrics (with the last held-out ones), {} when no step ran."""
     cfg, args, stage, sampler, total = run.cfg, plan.args, plan.stage, plan.sampler, plan.total_steps
     collator = plan.collator
-    loader = torch.utils.data.DataLoader(
-        _Indexed(plan.train),
+    loader = batch_loader(
+        plan.train,
+        collator,
+        refs.train,
+        paired=plan.spec.paired,
         batch_size=args.per_device_train_batch_size,
         sampler=sampler,
-        collate_fn=_Collate(collator, refs.train, plan.spec.paired),
     )
 
     def loss_of(batch: dict):
@@ -383,7 +415,7 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> dict[str,
 
     bars = progress_bars()
     bar = tqdm(total=total, initial=step, desc=stage, disable=run.rank != 0 or not bars, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = endless_batches(loader)
     sums: dict[str, float] = {}
     count = 0
     last: dict[str, float] = {}
@@ -392,11 +424,7 @@ def train_loop(run: Run, plan: StagePlan, engine, refs: References) -> dict[str,
         while step < total:
             engine.train()
             for _ in range(args.gradient_accumulation_steps):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
+                batch = next(batches)
                 loss, metrics = loss_of(batch)
                 engine.backward(loss)
                 engine.step()

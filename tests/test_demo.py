@@ -33,8 +33,18 @@ def test_files_and_table(demo):
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     names = [tuple(c.strip() for c in line.strip("|").split("|"))[:2] for line in rows if "---" not in line]
-    assert [n[0] for n in names] == ["base", "SFT", "SFT-only", "full DPO", "ALLO", "ALLO", "ALLO"]
-    assert [n[1].split()[0] for n in names[4:]] == ["warmup", "forget", "improve"]
+    assert [n[0] for n in names] == [
+        "base",
+        "SFT",
+        "SFT-only",
+        "full DPO",
+        "ALLO",
+        "ALLO",
+        "ALLO",
+        "ALLO on ILA layers",
+    ]
+    assert [n[1].split()[0] for n in names[4:]] == ["warmup", "forget", "improve", "improve"]
+    assert result["ila_layers"]["line"] in md
     for line in rows:
         if "---" in line:
             continue
@@ -116,6 +126,32 @@ def test_located_rows_and_budget(demo):
         assert rows[key]["trainable_state_bytes"] == 12 * n_params + 4 * len(sft), key
     share = allo["trainable_state_bytes"] / rows[("full DPO", "dpo")]["trainable_state_bytes"]
     assert share == pytest.approx(allo["trained_params_pct"] / 100, rel=0.02)
+
+
+def test_allo_on_ila_layers_and_the_overlap_across_seeds(demo):
+    out, result = demo
+    from safetensors.torch import load_file
+
+    from allo_train.ila import layer_index, layer_overlap, read_selection
+
+    rows = {(r["model"], r["stage"].split()[0]): r for r in result["rows"]}
+    ila_row = rows[("ALLO on ILA layers", "improve")]
+    assert ila_row["steps_after_sft"] == QUICK.align_budget  # the same budget as ALLO and the baselines
+    assert 0.0 < ila_row["trained_params_pct"] < 100.0
+    kept = read_selection(out / "allo_ila" / "ila" / "layer_importance.json")
+    assert len(kept) == 1  # the top 25% of 2 decoder layers, rounded up
+    # forget + improve trained ILA's layer and nothing else (norms excluded)
+    sft = load_file(str(out / "sft" / "sft" / "model" / "model.safetensors"))
+    final = load_file(str(out / "allo_ila" / "improve" / "model" / "model.safetensors"))
+    changed = {name for name in sft if not (final[name] == sft[name]).all()}
+    assert changed and {layer_index(name) for name in changed} == set(kept)
+    assert not any("norm" in name for name in changed)
+    # the overlap line is what compare-layers computes from the two runs' reports
+    second = read_selection(out / "ila_second_seed" / "ila" / "layer_importance.json")
+    o = layer_overlap(kept, second)
+    info = result["ila_layers"]
+    assert info["seeds"] == [0, 1] and info["selected_layers"] == [kept, second]
+    assert info["common"] == o.common and info["jaccard"] == o.jaccard
 
 
 def test_demo_writes_only_its_own_entries(demo):
