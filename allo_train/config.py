@@ -893,6 +893,8 @@ def _check_lengths(prefix: str, section: Any) -> None:
 def _resolve_and_check(cfg: TrainConfig, raw: dict[str, Any]) -> None:
     """Fill each section's fields from the top level (see the module docstring for the order), then the checks
     across keys. ``raw``: the mapping the config was built from (which keys were set)."""
+    from .stages import masks_stage
+
     top_level = {f.name for f in dataclasses.fields(TrainConfig)}
     table = _stage_table()
     for stage, section in cfg.sections.items():
@@ -904,7 +906,9 @@ def _resolve_and_check(cfg: TrainConfig, raw: dict[str, Any]) -> None:
                 setattr(section, f.name, getattr(cfg, f.name))
         if table[stage].needs_masks and section.ratio is None:
             section.ratio = cfg.locate.ratio
-        if getattr(section, "sparsity", None) == "delta" and cfg.locate.granularity == "element":
+        # ILA's masks (locate.method ila, or a pipeline that runs ila and not locate) are whole layers.
+        located_elements = cfg.locate.granularity == "element" and cfg.locate.method != "ila"
+        if getattr(section, "sparsity", None) == "delta" and located_elements and masks_stage(cfg) == "locate":
             raise ValueError(
                 f"config key '{stage}.sparsity' is 'delta' but locate.granularity is 'element': element masks cannot "
                 f"be made compact (row deltas train whole rows); set {stage}.sparsity: masked, or locate.granularity: "

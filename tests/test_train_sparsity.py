@@ -73,6 +73,12 @@ def test_delta_with_element_granularity_is_a_config_error():
     )
     for granularity in ("row", "layer"):
         load_config(None, {"locate.granularity": granularity, "improve.sparsity": "delta"})
+    # ILA's masks are whole layers, whatever locate.granularity says (the demo's "ALLO on ILA layers" row).
+    cfg = load_config(None, {"pipeline.stages": ["ila", "forget", "improve"], "improve.sparsity": "delta"})
+    assert cfg.improve.sparsity == "delta" and cfg.locate.granularity == "element"
+    load_config(None, {"locate.method": "ila", "improve.sparsity": "delta"})
+    with pytest.raises(ValueError, match="locate.granularity is 'element'"):  # locate's masks win when both run
+        load_config(None, {"pipeline.stages": ["ila", "locate", "improve"], "improve.sparsity": "delta"})
 
 
 # ----------------------------------------------------------------------------------------------------- modes
