@@ -77,7 +77,7 @@ def test_delta_with_element_granularity_is_a_config_error():
     cfg = load_config(None, {"pipeline.stages": ["ila", "forget", "improve"], "improve.sparsity": "delta"})
     assert cfg.improve.sparsity == "delta" and cfg.locate.granularity == "element"
     load_config(None, {"locate.method": "ila", "improve.sparsity": "delta"})
-    with pytest.raises(ValueError, match="locate.granularity is 'element'"):  # locate's masks win when both run
+    with pytest.raises(ValueError, match=r"locate\.granularity is 'element'"):  # locate's masks win when both run
         load_config(None, {"pipeline.stages": ["ila", "locate", "improve"], "improve.sparsity": "delta"})
 
 
