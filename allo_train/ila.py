@@ -313,7 +313,7 @@ def _model_key(cfg: Any, stage: str) -> str:
 def _learn_gates(run: Run, p: _LoraPhase, targets: list[LoraTarget], out: Path) -> dict:
     """Phase 2 on rank 0, then every output file. Returns the report written to layer_importance.json."""
     from . import trainer as T
-    from .metrics import MetricsLogger, plot_loss_curves
+    from .metrics import MetricsLogger, ProgressLines, plot_loss_curves, progress_bars
 
     cfg, args, stage = run.cfg, p.args, p.spec.name
     lm = load_causal_lm(p.in_dir, dtype=run.dtype, trust_remote_code=cfg.trust_remote_code).to(run.device)
@@ -348,8 +348,11 @@ def _learn_gates(run: Run, p: _LoraPhase, targets: list[LoraTarget], out: Path) 
     logger = MetricsLogger(cfg.stage_dir(stage), stage=stage, tensorboard="tensorboard" in cfg.report_to)
     from tqdm.auto import tqdm
 
+    bars = progress_bars()  # without a terminal: log lines, as the training loop prints them
+    lines = ProgressLines(f"{stage}: gates", args.gate_steps, 0, run.say)
     try:
-        for step in tqdm(range(1, args.gate_steps + 1), desc=f"{stage}: gates", dynamic_ncols=True):
+        steps = range(1, args.gate_steps + 1)
+        for step in tqdm(steps, desc=f"{stage}: gates", disable=not bars, dynamic_ncols=True):
             sums: dict[str, float] = {}
             for _ in range(ga):
                 loss, _ = loss_of(next(batches))
@@ -362,10 +365,10 @@ def _learn_gates(run: Run, p: _LoraPhase, targets: list[LoraTarget], out: Path) 
             history.append(list(gates.layer_scores().values()))
             if step % args.logging_steps == 0 or step == args.gate_steps:
                 gamma = gates.values().detach()
-                logger.log(
-                    p.lora_steps + step,
-                    {**sums, "gates/mean": float(gamma.mean()), "gates/open": int((gamma > 0.5).sum())},
-                )
+                logged = {**sums, "gates/mean": float(gamma.mean()), "gates/open": int((gamma > 0.5).sum())}
+                logger.log(p.lora_steps + step, logged)
+                if not bars:
+                    lines.update(step, logged)
     finally:
         logger.close()
 

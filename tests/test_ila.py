@@ -6,6 +6,8 @@ first. The run goes through the pipeline with ``locate.method: ila`` and then ``
 checked to round-trip into a training stage; a second run with the same seed must give the same gates bit for bit.
 """
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -91,7 +93,10 @@ def runs(assets, tmp_path_factory):
     try:
         root = tmp_path_factory.mktemp("ila_runs")
         run_pipeline(config(assets, root / "pipeline"))
-        run_stage(config(assets, root / "alone", pipeline__stages=["ila"]), "ila")
+        printed = io.StringIO()  # not a terminal: progress must come as log lines, no bars
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            run_stage(config(assets, root / "alone", pipeline__stages=["ila"]), "ila")
+        (root / "alone" / "printed.txt").write_text(printed.getvalue())
         yield root / "pipeline", root / "alone"
     finally:
         torch.set_num_threads(threads)
@@ -143,6 +148,12 @@ def test_outputs_and_masks_round_trip_into_improve(runs, assets):
     assert changed and all(masks[name].all() for name in changed)  # only the ILA layers trained
     assert any(name.startswith("model.layers.1.") for name in changed)
     assert any(name.startswith("model.layers.3.") for name in changed)
+
+
+def test_gate_progress_without_a_terminal_is_log_lines(runs):
+    printed = (runs[1] / "printed.txt").read_text()
+    assert "[allo-train] ila: gates: step 30/30 (100%) loss " in printed
+    assert "\r" not in printed
 
 
 def test_same_seed_same_gates(runs):
