@@ -692,8 +692,10 @@ def _check_data_file(path: str | Path, key: str) -> None:
 
 def trained_fraction(lm: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -> float:
     """Share of the model's weights a stage may change: 1.0 without masks, else what the masks select (a row mask
-    selects whole rows)."""
-    params = dict(lm.named_parameters())
+    selects whole rows). Attached row deltas are not weights of the model: they are left out of the count."""
+    from allo_kernels.row_deltas import DELTA_SUFFIX
+
+    params = {n: p for n, p in lm.named_parameters() if not n.endswith(DELTA_SUFFIX)}
     total = sum(p.numel() for p in params.values())
     if masks is None:
         return 1.0

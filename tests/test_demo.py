@@ -258,4 +258,7 @@ def test_the_readme_cli_example_runs_on_what_the_demo_leaves(demo):
         assert rows[stage].split()[1] == "2" and rows[stage].endswith(f"outputs/allo-demo/{stage}/model")
         assert (run_dir / stage / "model" / "model.safetensors").is_file()
     assert "DPO, 40% of rejected tokens dropped" in rows["improve"]
+    # forget and improve train exactly the located rows (as row deltas, which are not counted as model weights)
+    trained = {stage: re.findall(r"\s(\d+\.\d)%\s", rows[stage])[-1] for stage in rows}
+    assert trained["warmup"] == "100.0" and trained["forget"] == trained["improve"] == trained["locate"] != "100.0"
     assert rows["locate"].endswith("outputs/allo-demo/locate/masks.safetensors")
