@@ -18,7 +18,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import allo_kernels as ak
-from allo_kernels.ops.row_delta import ADDITIVE_BELOW, FORMS, RowDeltaLinear, choose_form, row_delta_linear
+from allo_kernels.ops.row_delta import (
+    ADDITIVE_BELOW,
+    ADDITIVE_BELOW_TOKENS,
+    FORMS,
+    RowDeltaLinear,
+    choose_form,
+    effective_weight,
+    row_delta_linear,
+)
 from allo_kernels.row_deltas import FROZEN_ONLY_ATTR
 
 transformers = pytest.importorskip("transformers")
@@ -156,13 +164,19 @@ def test_no_weight_gradient_gemm(form, skinny_gemms):
 
 
 def test_the_form_follows_the_cost_rule():
-    """Few tokens: the additive form (no copy of W); many: W_eff (one GEMM forward). Same values either way."""
+    """Few tokens: the additive form (no W_eff to form); many: W_eff (one GEMM forward). A cast copy of W (autocast)
+    costs all of W, so there the switch depends on the selected rows too. Same values either way."""
     layer = nn.Sequential(nn.Linear(64, 40))
     ak.attach_row_deltas(layer, {"0.weight": random_mask(40, 4, 0)})
     lin = layer[0]
-    limit = ADDITIVE_BELOW["cpu"] * 40 // 4  # tokens where the forms switch
-    assert choose_form(limit - 1, lin.weight, lin.weight_delta_index, 0) == "additive"
-    assert choose_form(limit, lin.weight, lin.weight_delta_index, 0) == "effective_weight"
+    rule = (lin.weight, lin.weight_delta_index, 0)
+    limit = ADDITIVE_BELOW_TOKENS["cpu"]  # W_eff formed in place: tokens where the forms switch
+    assert choose_form(limit - 1, *rule, torch.float32) == "additive"
+    assert choose_form(limit, *rule, torch.float32) == "effective_weight"
+    cast_limit = ADDITIVE_BELOW["cpu"] * 40 // 4  # W_eff as a bf16 cast copy of the fp32 W
+    assert choose_form(cast_limit - 1, *rule, torch.bfloat16) == "additive"
+    assert choose_form(cast_limit, *rule, torch.bfloat16) == "effective_weight"
+    limit = max(limit, cast_limit)
     with torch.no_grad():
         lin.weight_delta.normal_()
     x = torch.randn(limit, 64)
@@ -174,6 +188,35 @@ def test_the_form_follows_the_cost_rule():
         )
     with pytest.raises(ValueError, match="form must be one of"):
         row_delta_linear(x, lin.weight, lin.weight_delta, lin.weight_delta_index, form="dense")
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w_eff_formed_in_place_leaves_w_bit_identical_even_on_an_error(axis, dtype):
+    """W's storage holds W_eff only during the GEMMs: afterwards (and after a GEMM that raised) every bit of W is
+    back, autograd's version counter did not move (a W saved by another op still backpropagates), and the GEMMs saw
+    exactly the W_eff a fresh copy would be."""
+    torch.manual_seed(3)
+    out_f, in_f, k = 24, 16, 5
+    weight = torch.randn(out_f, in_f).to(dtype)
+    before, version = weight.clone(), weight._version
+    index = random_mask(weight.shape[axis], k, 2).nonzero().flatten()
+    delta = (torch.randn(k, in_f) if axis == 0 else torch.randn(out_f, k)).requires_grad_()
+    x = torch.randn(70, in_f).to(dtype).requires_grad_()  # >= ADDITIVE_BELOW_TOKENS["cpu"]: the W_eff form
+    x_other = torch.randn(3, in_f).to(dtype).requires_grad_()
+    other = x_other @ weight.t()  # saves W for its backward
+    y = row_delta_linear(x, weight, delta, index, axis=axis)
+    w_eff = effective_weight(weight, delta.detach(), index, axis, dtype)
+    assert torch.equal(y, x.detach() @ w_eff.t())  # the same GEMM operands, bit for bit
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert torch.equal(x.grad, dy @ w_eff)
+    assert torch.equal(weight, before) and weight._version == version
+    other.sum().backward()  # W's version counter is what that op saved: no "modified by an inplace operation"
+    torch.testing.assert_close(x_other.grad, torch.ones(3, out_f, dtype=dtype) @ before, atol=0, rtol=0)
+    with pytest.raises(RuntimeError):
+        row_delta_linear(torch.randn(70, in_f + 1).to(dtype), weight, delta, index, axis=axis)  # the GEMM raises
+    assert torch.equal(weight, before) and weight._version == version
 
 
 @pytest.mark.parametrize("n_tokens", [4, 200], ids=["additive", "effective_weight"])
@@ -492,6 +535,8 @@ def test_requires_grad_is_restored_and_empty_masks_freeze_only():
         model, {"0.weight": torch.zeros(6, dtype=torch.bool), "1.weight": torch.tensor([True, False, True])}
     )
     assert list(deltas) == ["1.weight"]  # an empty mask adds no delta ...
+    found = ak.row_delta_parameters(model)  # found again, keyed as attach returned them
+    assert list(found) == ["1.weight"] and found["1.weight"] is deltas["1.weight"] is model[1].weight_delta
     assert not model[0].weight.requires_grad and type(model[0]) is nn.Linear  # ... and only freezes
     assert model[0].bias.requires_grad  # not named: untouched
     with pytest.raises(ValueError, match="already named"):
@@ -501,6 +546,7 @@ def test_requires_grad_is_restored_and_empty_masks_freeze_only():
         model(torch.randn(2, 4))
     model[1].weight.requires_grad_(False)
     ak.merge_row_deltas(model)
+    assert ak.row_delta_parameters(model) == {}
     assert model[0].weight.requires_grad and not model[1].weight.requires_grad  # as before attach
     assert not hasattr(model[0], FROZEN_ONLY_ATTR)
 

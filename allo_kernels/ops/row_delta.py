@@ -15,24 +15,30 @@ Axis 1 (columns C are input neurons, e.g. an MLP's down projection, where neuron
 
 Two forms compute this, chosen per call by cost (``form=`` overrides):
 
-* ``"effective_weight"``: build W_eff (one copy of W, memory-bound) and run one GEMM forward and 1 + k/out GEMMs
-  backward, against (1, 2) for a dense trainable layer. W_eff is rebuilt in the backward, not saved: nothing W-sized
-  outlives a call. Its selected rows are exactly what ``merge`` writes (fp32 sum, rounded once to W's dtype), so the
-  merged model computes the very same logits as the model in training (bit for bit, in fp32 and in bf16), and a bf16
-  W with an fp32 delta behaves like bf16 weights with fp32 master rows.
+* ``"effective_weight"``: form W_eff and run one GEMM forward and 1 + k/out GEMMs backward, against (1, 2) for a
+  dense trainable layer. W_eff is formed in W's own storage for the GEMM (the k selected rows swapped in and back,
+  bit for bit: ``effective_weight_in_place``), or as a cast copy under autocast; it is formed again in the backward,
+  not saved: nothing W-sized outlives a call. Its selected rows are exactly what ``merge`` writes (fp32 sum, rounded
+  once to W's dtype), so the merged model computes the very same logits as the model in training (bit for bit, in
+  fp32 and in bf16), and a bf16 W with an fp32 delta behaves like bf16 weights with fp32 master rows.
 * ``"additive"``: y = x W^T + b, then y[..., R] += x D^T (columns: y += x[..., C] D^T); backward
   dx = dy W + dy[..., R] D (columns: dx[..., C] += dy D). No copy of W, but two skinny GEMMs of 2 N k in FLOPs each,
   and skinny GEMMs run well below a square GEMM's speed. Equal to the first form up to rounding (it rounds x W^T and
   x D^T separately: with an fp32 delta on a bf16 W it is the more precise of the two).
 
-The copy costs ~4 out in bytes of memory traffic per call, the skinny GEMMs ~4 N k in FLOPs, so the additive form
-wins when N k < B out, B = bytes per element x (FLOP/s / memory bytes/s) x (skinny GEMM efficiency). Measured on our
-CPU (benchmarks/bench_row_delta.py, layer section, fp32, k/out = 0.1, one thread, CPU time against a dense trainable
-layer): N = 64: additive 0.80-0.88x, W_eff 1.03-1.23x; N = 256: both 0.80-0.86x; N = 1024: W_eff 0.74-0.76x,
-additive 0.81-0.86x (a frozen layer without delta, the floor: 0.67-0.71x). They cross near N = 256, so B = 25.
-CUDA is unmeasured: an H100's roofline (bf16 ~990 TFLOP/s over 3.35 TB/s) puts B near 600, i.e. training batches of
-many thousand tokens take W_eff and decoding takes the additive form; the benchmark's layer section measures it when
-a GPU is available.
+Costs beyond the two full GEMMs: W_eff formed in place moves ~3 k in elements (read the selected rows, write
+round(W[R] + D), write the old rows back; a cast copy under autocast moves all of W instead), the additive form runs
+~4 N k in FLOPs of skinny GEMMs, which run well below a square GEMM's speed. So with W_eff in place the additive form
+wins below a number of tokens, whatever k: N < ~0.75 x element bytes x (FLOP/s / memory bytes/s) x (skinny GEMM
+efficiency); with a cast copy it wins while N k < B out. Measured on our CPU (benchmarks/bench_row_delta.py, layer
+section, fp32, k/out = 0.1, one thread, time against a dense trainable layer, one run): N = 64: W_eff in place
+0.78-0.85x, additive 0.77-0.81x (within the run's noise of each other); N = 256: W_eff 0.75-0.78x, additive
+0.81-0.84x; N = 1024: W_eff 0.72-0.82x, additive 0.67-0.91x, a frozen layer without delta (the floor) 0.60-0.69x.
+(Before W_eff was formed in place, as a fresh copy of W: N = 64 1.03-1.23x, N = 1024 0.74-0.76x.) So on CPU the
+additive form runs below N = 64 (``ADDITIVE_BELOW_TOKENS``); with a cast copy the earlier measurement put the
+crossing near N k = 25 out. CUDA is unmeasured: an H100's roofline (bf16 ~990 TFLOP/s over 3.35 TB/s, skinny GEMMs
+at about half speed) puts the in-place crossing near N = 256 and the cast-copy one near N k = 600 out; the
+benchmark's layer section measures it when a GPU is available.
 
 Under ``torch.autocast`` the layer computes in the autocast dtype, like ``nn.Linear``. Under DeepSpeed ZeRO-3 the
 parameters are gathered by DeepSpeed's module hooks before the forward and the backward (both are registered on the
@@ -41,14 +47,19 @@ parameters are gathered by DeepSpeed's module hooks before the forward and the b
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 AXES = (0, 1)
 FORMS = ("effective_weight", "additive")
-# The additive form runs when tokens x selected rows < ADDITIVE_BELOW[device] x the weight's size along the axis
-# (see the module docstring: measured on CPU, a roofline estimate on CUDA).
+# When the additive form runs (see the module docstring): W_eff formed in place costs a few selected rows, so the
+# additive form wins below a number of tokens (ADDITIVE_BELOW_TOKENS[device]); a cast copy of W (autocast) costs all
+# of W, so there it wins while tokens x selected rows < ADDITIVE_BELOW[device] x the weight's size along the axis.
+ADDITIVE_BELOW_TOKENS = {"cpu": 64, "cuda": 256}
 ADDITIVE_BELOW = {"cpu": 25, "cuda": 600}
 
 
@@ -73,6 +84,31 @@ def effective_weight(
     return w_eff
 
 
+@contextlib.contextmanager
+def effective_weight_in_place(
+    weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """W_eff for one GEMM. When W is already in ``dtype``, W's own storage holds W_eff for the duration: only its k
+    selected rows (columns) are saved, overwritten with round(W[R] + D) and written back bit for bit on exit, even
+    on an error. That moves 2 k/out of W's bytes per call instead of copying all of W into a fresh W-sized
+    allocation (whose new pages the OS also has to zero), the copy being the part of this form's cost that a frozen
+    layer does not pay. The writes go through ``.data``: the net change is nil, so autograd's version counter,
+    which guards tensors saved for a backward, is left alone. What the GEMM reads is therefore the same W_eff as
+    :func:`effective_weight` builds; nothing else may read W while the GEMM runs (no other thread does in a training
+    step; a kernel queued on the same CUDA stream runs in order). Other dtypes (autocast) get a fresh cast copy."""
+    if weight.dtype != dtype or not index.numel():
+        yield effective_weight(weight, delta, index, axis, dtype) if index.numel() else weight.to(dtype)
+        return
+    storage = weight.data
+    saved = storage.index_select(axis, index)
+    acc = accumulate_dtype(dtype, delta.dtype)
+    storage.index_copy_(axis, index, (saved.to(acc) + delta.to(acc)).to(dtype))  # = merged_slices(W, D, ...)
+    try:
+        yield storage
+    finally:
+        storage.index_copy_(axis, index, saved)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """W's dtype, or the autocast dtype inside ``torch.autocast`` (nn.Linear's behaviour)."""
     device_type = x.device.type
@@ -87,10 +123,12 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def choose_form(n_tokens: int, weight: torch.Tensor, index: torch.Tensor, axis: int) -> str:
-    """The cheaper form for this call (see the module docstring)."""
-    limit = ADDITIVE_BELOW.get(weight.device.type, ADDITIVE_BELOW["cuda"])
-    return "additive" if n_tokens * index.numel() < limit * weight.shape[axis] else "effective_weight"
+def choose_form(n_tokens: int, weight: torch.Tensor, index: torch.Tensor, axis: int, dtype: torch.dtype) -> str:
+    """The cheaper form for this call, computing in ``dtype`` (see the module docstring)."""
+    device = weight.device.type if weight.device.type in ADDITIVE_BELOW else "cuda"
+    if weight.dtype == dtype:  # W_eff formed in place
+        return "additive" if n_tokens < ADDITIVE_BELOW_TOKENS[device] else "effective_weight"
+    return "additive" if n_tokens * index.numel() < ADDITIVE_BELOW[device] * weight.shape[axis] else "effective_weight"
 
 
 class RowDeltaLinearFunction(torch.autograd.Function):
@@ -103,7 +141,8 @@ class RowDeltaLinearFunction(torch.autograd.Function):
             x_c = x.to(dtype)
             b_c = None if bias is None else bias.to(dtype)
             if form == "effective_weight":
-                y = F.linear(x_c, effective_weight(weight, delta, index, axis, dtype), b_c)
+                with effective_weight_in_place(weight, delta, index, axis, dtype) as w_eff:
+                    y = F.linear(x_c, w_eff, b_c)
             else:
                 y = F.linear(x_c, weight.to(dtype), b_c)
                 if axis == 0:
@@ -127,7 +166,8 @@ class RowDeltaLinearFunction(torch.autograd.Function):
         dx = dd = db = None
         if need_x:
             if ctx.form == "effective_weight":
-                dx = dy2 @ effective_weight(weight, delta, index, axis, dtype)
+                with effective_weight_in_place(weight, delta, index, axis, dtype) as w_eff:
+                    dx = dy2 @ w_eff
             else:
                 dx = dy2 @ weight.to(dtype)
                 if axis == 0:  # + dy[..., R] D (out of place: small N only, and visible to FLOP counters)
@@ -164,7 +204,7 @@ def row_delta_linear(
     ``"effective_weight"``, ``"additive"`` or None (the cheaper one for this many tokens; see the module docstring).
     """
     if form is None:
-        form = choose_form(x.numel() // max(1, x.shape[-1]), weight, index, axis)
+        form = choose_form(x.numel() // max(1, x.shape[-1]), weight, index, axis, _compute_dtype(x, weight))
     elif form not in FORMS:
         raise ValueError(f"form must be one of {FORMS} or None, got {form!r}")
     return RowDeltaLinearFunction.apply(x, weight, bias, delta, index, axis, form)
