@@ -521,10 +521,11 @@ def test_compact_rows_in_place_across_blocks(monkeypatch):
 
 @pytest.mark.parametrize(
     ("retained", "gemm_rows", "buffer_rows"),
-    [(0, [7, 3, 7, 3], 7), (3, [7, 3, 7], 7), (8, [2, 7, 1, 2], 8), (None, [7, 3], 10)],
+    [(0, [7, 3, 7, 3], 7), (3, [7, 3, 7], 7), (8, [2, 7, 1, 2], 8), (None, [3, 7, 3], 7)],
 )
 def test_retention_budget_plans_the_chunks(retained, gemm_rows, buffer_rows, backend, monkeypatch):
-    """Auto chunks of 7 rows (the chunk budget), the retained rows on top; the buffer is max(retained, chunk) rows."""
+    """Auto chunks of 7 rows (the chunk budget), the retained rows on top; the buffer is max(retained, chunk) rows.
+    The default (None) retains the chunk budget: one chunk's rows, in the buffer that chunk takes anyway."""
     backend("torch")
     hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows, V=150
     monkeypatch.setattr(fl, "MAX_CHUNK_BYTES_CPU", 7 * 150 * 4)

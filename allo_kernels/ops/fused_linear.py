@@ -30,10 +30,12 @@ loss inside the kernel. Each recomputed row costs one extra [1, H] x [H, V] GEMM
 unfused when W is trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable
 unchanged on top, with per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows
 win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the
-backward) against time (K fewer recomputed rows). Default: ``RETAINED_LOGITS_BYTES_CPU`` (768 MiB) on CPU, sized so
-that CE at N=8192, H=1024, V=32000, fp32 peaks below Cut Cross-Entropy's ``torch_compile`` (measured: 945 MiB against
-its 1157, at 0.81x the time of recomputing every row; README, "Fused-linear losses on CPU"); on CUDA the chunk budget,
-i.e. one chunk, which the chunk buffer holds anyway (not measured on a GPU yet). 0 recomputes every row.
+backward) against time (K fewer recomputed rows). Default: the chunk budget (256 MiB on CPU, min(1 GiB, free / 8)
+on CUDA), i.e. as many rows as the automatic chunk buffer holds anyway: by default retention saves time and adds
+no memory. 0 recomputes every row; a larger budget recomputes fewer rows for more memory.
+(On our CPU, at CE N=8192, H=1024, V=32000, fp32: retaining 768 MiB instead took 0.81x the time of recomputing
+every row at 2.2x the peak; a DPO batch of 4 pairs x 512 tokens then peaked above Liger's chunked DPO; README,
+"Fused-linear losses on CPU".)
 
 Two paths run the per-chunk vocabulary work:
 
@@ -54,8 +56,9 @@ K = min(valid rows, retain_logits_bytes // bytes per row), C from ``auto_chunk_s
 free / 8) on CUDA) + the [N, H] hidden gradient + the fp32 [V, H] weight-gradient accumulator when W is trained (it
 is the returned gradient itself for fp32 weights; on CUDA half inputs add one fp32 [V, H] product per chunk, reused
 by the caching allocator) + for half inputs the [C, V] half buffer, and on CPUs without native half GEMMs an fp32
-copy of W. E.g. N=8192, H=1024, V=32000, fp32 on CPU with the defaults: 768 MiB retained (6291 rows; the other 1901
-recomputed in one chunk) + 32 MiB + 125 MiB. The buffer lives from the forward to the end of the backward.
+copy of W. E.g. N=8192, H=1024, V=32000, fp32 on CPU with the defaults: 256 MiB of buffer (2048 rows, retained;
+the other 6144 recomputed in three chunks) + 32 MiB + 125 MiB. The buffer lives from the forward to the end of the
+backward.
 
 Under ``torch.autocast`` the logits are computed in the autocast dtype (what ``nn.Linear`` would give), in the
 forward and again in the backward, wherever the backward runs.
@@ -83,10 +86,6 @@ from .token_scores import TokenScores, scores_from_logprobs, validate_score_opti
 # Budget for the chunk buffers when chunk_size is None.
 MAX_CHUNK_BYTES_CUDA = 1 << 30
 MAX_CHUNK_BYTES_CPU = 256 << 20
-# Default budget for the logits retained from the forward for the backward (retain_logits_bytes=None) on CPU: the
-# most that keeps CE at N=8192, H=1024, V=32000, fp32 below CCE's peak (README, "Fused-linear losses on CPU"); on
-# CUDA the default is the chunk budget (one chunk, which the chunk buffer holds anyway).
-RETAINED_LOGITS_BYTES_CPU = 768 << 20
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -98,8 +97,9 @@ def chunk_budget_bytes(device: torch.device) -> int:
 
 
 def default_retained_logits_bytes(device: torch.device) -> int:
-    """``retain_logits_bytes=None``: ``RETAINED_LOGITS_BYTES_CPU`` on CPU, the chunk budget on CUDA."""
-    return RETAINED_LOGITS_BYTES_CPU if device.type == "cpu" else chunk_budget_bytes(device)
+    """``retain_logits_bytes=None``: the chunk budget, on every device. The automatic chunk buffer is that large
+    anyway, so the default retention adds no memory to it (see the module docstring)."""
+    return chunk_budget_bytes(device)
 
 
 def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
@@ -563,8 +563,9 @@ def fused_linear_token_logprobs(
         bias: optional [V].
         chunk_size: rows per chunk (None: chosen from V, H and free memory; see ``auto_chunk_size``).
         retain_logits_bytes: the most bytes of logits kept from the forward for the backward, which then does not
-            recompute those rows (None: 768 MiB on CPU, the chunk budget on CUDA; 0: recompute every row). It
-            counts fp32 rows on the torch path, rows in the compute dtype on the Triton path.
+            recompute those rows (None: the chunk budget, the size of the automatic chunk buffer, so that by default
+            retention adds no memory; 0: recompute every row). It counts fp32 rows on the torch path, rows in the
+            compute dtype on the Triton path.
         gather: the gather context of partitioned parameters (None: ``integrations.DEFAULT_GATHER``, which gathers
             DeepSpeed ZeRO-3 partitions and uses any other tensor as it is).
 
