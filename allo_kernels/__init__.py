@@ -8,8 +8,9 @@ Public API (the contract is in docs/design.md; the README shows it in use):
   never holding the [N, V] logits
 * ``preference_loss`` / ``forgetting_loss``: one call from a [chosen; rejected] (or forget) batch to (loss, metrics)
 * ``losses``                         DPO family, NPO, ALLO token-NPO and kept-token DPO, SimPO, ORPO, KTO, SFT
-* ``attach_row_deltas`` / ``merge_row_deltas`` / ``save_row_deltas`` / ``load_row_deltas``: compact trainable
-  neuron deltas on frozen ``nn.Linear`` weights (no weight-gradient GEMM for W), merged back at save
+* ``attach_row_deltas`` / ``merge_row_deltas`` / ``save_row_deltas`` / ``load_row_deltas`` /
+  ``row_delta_parameters``: compact trainable neuron deltas on frozen ``nn.Linear`` weights (no weight-gradient
+  GEMM for W), merged back at save
 * ``integrations``                   the one place that knows a training framework (DeepSpeed ZeRO)
 """
 
@@ -19,7 +20,7 @@ from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_sc
 from .ops.token_logprobs import IGNORE_INDEX, token_logprobs
 from .ops.token_scores import TokenScores, token_scores
 from .optim import SparseAdamW
-from .row_deltas import attach_row_deltas, load_row_deltas, merge_row_deltas, save_row_deltas
+from .row_deltas import attach_row_deltas, load_row_deltas, merge_row_deltas, row_delta_parameters, save_row_deltas
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "losses",
     "merge_row_deltas",
     "preference_loss",
+    "row_delta_parameters",
     "save_row_deltas",
     "token_logprobs",
     "token_scores",

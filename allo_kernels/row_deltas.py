@@ -181,6 +181,12 @@ def _attached(model: nn.Module) -> dict[str, RowDeltaLinear]:
     return {(f"{path}.weight" if path else "weight"): m for path, m in modules if isinstance(m, RowDeltaLinear)}
 
 
+def row_delta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{weight name: delta} of every row delta attached to ``model``, as ``attach_row_deltas`` returned them: e.g. to
+    hand them to an optimizer, or to tell them apart from the model's own weights."""
+    return {name: module.weight_delta for name, module in _attached(model).items()}
+
+
 def merge_row_deltas(model: nn.Module) -> list[str]:
     """W[R] = round(W[R] + D) for every attached delta (fp32 sum, rounded once to W's dtype) and remove the deltas.
 

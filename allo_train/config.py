@@ -478,6 +478,12 @@ class TrainConfig:
         self.section(stage)
         return Path(self.output_dir) / stage
 
+    def masks_stage(self) -> str:
+        """The stage whose masks forget and improve train: ila when the pipeline runs ila and not locate, else
+        locate."""
+        stages = self.pipeline.stages
+        return "ila" if "ila" in stages and "locate" not in stages else "locate"
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
@@ -893,8 +899,6 @@ def _check_lengths(prefix: str, section: Any) -> None:
 def _resolve_and_check(cfg: TrainConfig, raw: dict[str, Any]) -> None:
     """Fill each section's fields from the top level (see the module docstring for the order), then the checks
     across keys. ``raw``: the mapping the config was built from (which keys were set)."""
-    from .stages import masks_stage
-
     top_level = {f.name for f in dataclasses.fields(TrainConfig)}
     table = _stage_table()
     for stage, section in cfg.sections.items():
@@ -908,7 +912,7 @@ def _resolve_and_check(cfg: TrainConfig, raw: dict[str, Any]) -> None:
             section.ratio = cfg.locate.ratio
         # ILA's masks (locate.method ila, or a pipeline that runs ila and not locate) are whole layers.
         located_elements = cfg.locate.granularity == "element" and cfg.locate.method != "ila"
-        if getattr(section, "sparsity", None) == "delta" and located_elements and masks_stage(cfg) == "locate":
+        if getattr(section, "sparsity", None) == "delta" and located_elements and cfg.masks_stage() == "locate":
             raise ValueError(
                 f"config key '{stage}.sparsity' is 'delta' but locate.granularity is 'element': element masks cannot "
                 f"be made compact (row deltas train whole rows); set {stage}.sparsity: masked, or locate.granularity: "

@@ -123,19 +123,13 @@ def start_model_dir(cfg: TrainConfig, stage: str) -> Path:
     return Path(cfg.model_name_or_path)
 
 
-def masks_stage(cfg: TrainConfig) -> str:
-    """The stage whose masks forget and improve train: ila when the pipeline runs ila and not locate, else locate."""
-    stages = cfg.pipeline.stages
-    return "ila" if "ila" in stages and "locate" not in stages else "locate"
-
-
 def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Masks of the neurons ``stage`` trains and where they come from: the located masks (see :func:`masks_stage`),
+    """Masks of the neurons ``stage`` trains and where they come from: the located masks (``cfg.masks_stage()``),
     re-selected from the saved importance when the stage's ratio (N1 / N2) differs from locate.ratio."""
     from .locate import IMPORTANCE_FILE, MASKS_FILE, load_importance, load_masks, select_masks
 
     cfg = run.cfg
-    source = masks_stage(cfg)
+    source = cfg.masks_stage()
     loc = cfg.stage_dir(source)
     ratio = cfg.section(stage).ratio
     if ratio is None or ratio == cfg.locate.ratio:

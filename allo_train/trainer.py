@@ -693,9 +693,10 @@ def _check_data_file(path: str | Path, key: str) -> None:
 def trained_fraction(lm: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -> float:
     """Share of the model's weights a stage may change: 1.0 without masks, else what the masks select (a row mask
     selects whole rows). Attached row deltas are not weights of the model: they are left out of the count."""
-    from allo_kernels.row_deltas import DELTA_SUFFIX
+    import allo_kernels as ak
 
-    params = {n: p for n, p in lm.named_parameters() if not n.endswith(DELTA_SUFFIX)}
+    deltas = {id(d) for d in ak.row_delta_parameters(lm).values()}
+    params = {n: p for n, p in lm.named_parameters() if id(p) not in deltas}
     total = sum(p.numel() for p in params.values())
     if masks is None:
         return 1.0
