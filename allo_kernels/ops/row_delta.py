@@ -30,11 +30,11 @@ Costs beyond the two full GEMMs: W_eff formed in place moves ~3 k in elements (r
 round(W[R] + D), write the old rows back; a cast copy under autocast moves all of W instead), the additive form runs
 ~4 N k in FLOPs of skinny GEMMs, which run well below a square GEMM's speed. So with W_eff in place the additive form
 wins below a number of tokens, whatever k: N < ~0.75 x element bytes x (FLOP/s / memory bytes/s) x (skinny GEMM
-efficiency); with a cast copy it wins while N k < B out. Measured on our CPU (benchmarks/bench_row_delta.py, layer
-section, fp32, k/out = 0.1, one thread, time against a dense trainable layer, one run): N = 64: W_eff in place
-0.78-0.85x, additive 0.77-0.81x (within the run's noise of each other); N = 256: W_eff 0.75-0.78x, additive
-0.81-0.84x; N = 1024: W_eff 0.72-0.82x, additive 0.67-0.91x, a frozen layer without delta (the floor) 0.60-0.69x.
-(Before W_eff was formed in place, as a fresh copy of W: N = 64 1.03-1.23x, N = 1024 0.74-0.76x.) So on CPU the
+efficiency); with a cast copy it wins while N k < B out. Measured on our CPU (benchmarks/bench_row_delta.py --save,
+layer section, fp32, k/out = 0.1, one thread, CPU time against a dense trainable layer, the three layer shapes):
+N = 64: W_eff in place 0.81-0.82x, additive 0.79-0.82x (within the run's noise of each other); N = 256: W_eff
+0.74-0.77x, additive 0.79-0.85x; N = 1024: W_eff 0.72-0.74x, additive 0.73-0.85x, a frozen layer without delta (the
+floor) 0.65-0.68x. (With W_eff as a fresh copy of W, before: N = 64 1.03-1.23x, N = 1024 0.74-0.76x.) So on CPU the
 additive form runs below N = 64 (``ADDITIVE_BELOW_TOKENS``); with a cast copy the earlier measurement put the
 crossing near N k = 25 out. CUDA is unmeasured: an H100's roofline (bf16 ~990 TFLOP/s over 3.35 TB/s, skinny GEMMs
 at about half speed) puts the in-place crossing near N = 256 and the cast-copy one near N k = 600 out; the
