@@ -236,6 +236,10 @@ class LocateStageConfig:
 
     def check(self, stage: str) -> None:
         _check_patterns(f"{stage}.exclude", self.exclude or ())
+
+    def resolve_method(self, stage: str) -> None:
+        """``method`` from the earlier key ``importance`` (delta -> weight_delta, grad -> grad), default
+        weight_delta. Runs once the owned choices are checked, so ``importance`` is a known value by then."""
         if self.importance is not None:  # the earlier key: delta -> weight_delta, grad -> grad
             meant = owner_value(_IMPORTANCE_METHODS_REF)[self.importance]
             if self.method not in (None, meant):
@@ -565,6 +569,8 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     _resolve_and_check(cfg, raw)
     for dotted, value, ref in owned:
         _check_value(dotted, value, {"choices": owner_value(ref)})
+    if "locate" in cfg.sections:
+        cfg.locate.resolve_method("locate")
     for name in ("locate", "ila"):
         section = cfg.sections.get(name)
         if section is not None and section.exclude is None:

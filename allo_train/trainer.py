@@ -645,7 +645,7 @@ def _models_read(cfg: TrainConfig, stage: str, written: set[str]) -> list[tuple[
         stage_output(source, "starts from")
     else:
         out.append((start_model_dir(cfg, stage), "config key 'model_name_or_path'", ""))
-    if stage == "locate" and section.importance == "delta":
+    if stage == "locate" and section.method == "weight_delta":
         if section.warm_model:
             out.append((Path(section.warm_model), f"config key '{stage}.warm_model'", ""))
         else:
@@ -659,12 +659,12 @@ def _data_read(cfg: TrainConfig, stage: str) -> tuple[str | None, str]:
     """(the data file ``stage`` reads or None, its config key); InputError when a stage that needs one has none."""
     section = cfg.section(stage)
     if stage == "locate":
-        if section.importance != "grad":
+        if section.method != "grad":
             return None, ""
         key = "locate.data_path" if section.data_path else "warmup.data_path"
         path = section.data_path or cfg.warmup.data_path
         if path is None:
-            raise InputError("config key 'locate.data_path' (or warmup.data_path) is required for importance 'grad'")
+            raise InputError("config key 'locate.data_path' (or warmup.data_path) is required for method 'grad'")
         return path, key
     path = getattr(section, "data_path", None)
     if path is None and STAGES[stage].runner is None:

@@ -115,6 +115,31 @@ def test_a_stage_whose_starting_model_is_not_there_says_which_stage_to_run(tmp_p
     assert line.endswith("run forget first")
 
 
+def test_locate_alone_checks_the_warm_model_and_grad_data_before_anything_runs(tmp_path, assets, capsys):
+    # locate.method (default weight_delta) compares with warmup's output; method grad reads a data file. Both are
+    # checked before the run starts, whichever key (method, or its earlier name importance) says so.
+    for key, value in (("locate.method", "weight_delta"), ("locate.importance", "delta")):
+        cfg = write_config(tmp_path, assets, **{"pipeline.stages": ["warmup", "locate"], key: value})
+        line = cli_error(capsys, "locate", "--config", str(cfg))
+        assert "locate compares with warmup's output" in line and line.endswith("run warmup first")
+    for key, value in (("locate.method", "grad"), ("locate.importance", "grad")):
+        over = {"pipeline.stages": ["locate"], key: value, "warmup.data_path": None}
+        cfg = write_config(tmp_path, assets, **over)
+        line = cli_error(capsys, "locate", "--config", str(cfg))
+        assert "config key 'locate.data_path' (or warmup.data_path) is required for method 'grad'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_earlier_locate_importance_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: m\nlocate:\n  importance: weights\n")
+    r = run_python(
+        f"import sys\nfrom allo_train.cli import main\nsys.exit(main(['pipeline', '--config', {str(bad)!r}]))\n"
+    )
+    assert r.returncode == 2
+    assert "'locate.importance' must be one of ['delta', 'grad'], got 'weights'" in one_error_line(r.stderr)
+
+
 def test_missing_and_empty_data_files_are_named(tmp_path, assets, capsys):
     cfg = write_config(tmp_path, assets, **{"improve.data_path": str(tmp_path / "nope.jsonl")})
     line = cli_error(capsys, "pipeline", "--config", str(cfg))
