@@ -302,6 +302,17 @@ class IlaStageConfig(WarmupStageConfig):
             raise ValueError(f"config key '{stage}.target_modules' must name at least one module, got []")
 
 
+def _sparsity_field() -> Any:
+    """forget's and improve's ``sparsity`` key: how the located neurons are trained."""
+    return field(
+        default=None,
+        metadata=_choices(
+            _SPARSITY_MODES_REF,
+            "delta: compact row deltas, the rest frozen; masked: SparseAdamW; null: delta for row/layer masks",
+        ),
+    )
+
+
 @dataclass
 class ForgetStageConfig(StageTrainingArgs):
     """ALLO forgetting: token-weighted NPO on the rejected responses, updating only the located neurons."""
@@ -312,13 +323,7 @@ class ForgetStageConfig(StageTrainingArgs):
     ratio: float | None = field(
         default=None, metadata=_range(0, 1, lo_open=True, doc="N1: share of neurons trained; null: locate.ratio")
     )
-    sparsity: str | None = field(
-        default=None,
-        metadata=_choices(
-            _SPARSITY_MODES_REF,
-            "delta: compact row deltas, the rest frozen; masked: SparseAdamW; null: delta for row/layer masks",
-        ),
-    )
+    sparsity: str | None = _sparsity_field()
     token_weight_source: str = field(
         default="token_weights",
         metadata=_choices(_TOKEN_WEIGHT_SOURCES_REF, "where each rejected token's weight comes from"),
@@ -347,13 +352,7 @@ class ImproveStageConfig(StageTrainingArgs):
     ratio: float | None = field(
         default=None, metadata=_range(0, 1, lo_open=True, doc="N2: share of neurons trained; null: locate.ratio")
     )
-    sparsity: str | None = field(
-        default=None,
-        metadata=_choices(
-            _SPARSITY_MODES_REF,
-            "delta: compact row deltas, the rest frozen; masked: SparseAdamW; null: delta for row/layer masks",
-        ),
-    )
+    sparsity: str | None = _sparsity_field()
     mask_fraction: float = field(
         default=0.9,
         metadata={

@@ -58,9 +58,9 @@ from torch import nn
 
 from . import data as D
 from .config import ALL_LINEAR
-from .files import new_temp_dir, swap_in_dir, write_atomic
+from .files import write_atomic
 from .locate import layer_index, layer_masks, mask_stats, module_type, save_masks
-from .model import PolicyHiddenStates, load_causal_lm
+from .model import PolicyHiddenStates, load_causal_lm, save_pretrained_atomic
 
 if TYPE_CHECKING:
     from .run import Run
@@ -304,9 +304,9 @@ def _train_lora(run: Run, spec: StageSpec) -> tuple[_LoraPhase, list[LoraTarget]
 
 
 def _model_key(cfg: Any, stage: str) -> str:
-    from .stages import STAGES
+    from .stages import start_model_source
 
-    earlier = next((s for s in STAGES[stage].starts_from if s in cfg.pipeline.stages), None)
+    earlier = start_model_source(cfg, stage)
     return "model_name_or_path" if earlier is None else f"model_name_or_path (through {earlier}'s output)"
 
 
@@ -325,7 +325,7 @@ def _learn_gates(run: Run, p: _LoraPhase, targets: list[LoraTarget], out: Path) 
         raise RuntimeError(
             f"internal: LoRA weights do not fit (missing {missing[:3]}, extra {result.unexpected_keys[:3]})"
         )
-    _save_adapter(peft_model, out / LORA_DIR)
+    save_pretrained_atomic(peft_model, None, out / LORA_DIR)  # as PEFT saves it: PeftModel.from_pretrained loads it
     norms = lora_increment_norms(lm, targets)
     lm.requires_grad_(False)
     lm.eval()  # no LoRA dropout: the gates see the increments phase 1 learned
@@ -445,13 +445,6 @@ def _losses(gates: LayerGates, loss_of, p: _LoraPhase, kept: set[int], batch_siz
     return {"split": "held_out" if p.held_out else "train", "batches": count} | {
         k: v / max(count, 1) for k, v in sums.items()
     }
-
-
-def _save_adapter(peft_model, path: Path) -> None:
-    """The phase-1 LoRA adapter as PEFT saves it (``PeftModel.from_pretrained`` loads it), swapped in whole."""
-    tmp = new_temp_dir(path.parent, path.name)
-    peft_model.save_pretrained(str(tmp))
-    swap_in_dir(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------- plot

@@ -50,8 +50,8 @@ SCOPES = ("global", "per_matrix")
 # accumulated |grad|, "ila" = whole decoder layers ranked by learned gates on LoRA increments (allo_train.ila).
 METHODS = ("weight_delta", "grad", "ila")
 # The earlier key locate.importance and its values, still read: {value: the method it means}.
-IMPORTANCES = ("delta", "grad")
 IMPORTANCE_METHODS = {"delta": "weight_delta", "grad": "grad"}
+IMPORTANCES = tuple(IMPORTANCE_METHODS)
 # Not candidates unless the config says otherwise: embeddings, norms and lm_head (fnmatch patterns on the name).
 DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*norm*", "*.ln_*", "*ln_f*", "lm_head*", "*.lm_head*")
 MASKS_FILE = "masks.safetensors"

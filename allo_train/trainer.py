@@ -695,11 +695,11 @@ def trained_fraction(lm: torch.nn.Module, masks: dict[str, torch.Tensor] | None)
     selects whole rows). Attached row deltas are not weights of the model: they are left out of the count."""
     import allo_kernels as ak
 
+    if masks is None:
+        return 1.0
     deltas = {id(d) for d in ak.row_delta_parameters(lm).values()}
     params = {n: p for n, p in lm.named_parameters() if id(p) not in deltas}
     total = sum(p.numel() for p in params.values())
-    if masks is None:
-        return 1.0
     selected = sum(int(m.sum()) * (params[n].numel() // max(m.numel(), 1)) for n, m in masks.items() if n in params)
     return selected / max(total, 1)
 

@@ -609,8 +609,9 @@ def run_standalone(cases: list[str], rounds: int, impls: list[str] | None = None
                     "p10": _percentile(ratios, 0.1),
                     "p90": _percentile(ratios, 0.9),
                 }
-            if contender_note(impl):
-                row["note"] = contender_note(impl)
+            note = contender_note(impl)
+            if note:
+                row["note"] = note
         del live
         free_memory(DEVICE)
         for impl in times:

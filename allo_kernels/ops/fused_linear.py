@@ -96,12 +96,6 @@ def chunk_budget_bytes(device: torch.device) -> int:
     return MAX_CHUNK_BYTES_CPU
 
 
-def default_retained_logits_bytes(device: torch.device) -> int:
-    """``retain_logits_bytes=None``: the chunk budget, on every device. The automatic chunk buffer is that large
-    anyway, so the default retention adds no memory to it (see the module docstring)."""
-    return chunk_budget_bytes(device)
-
-
 def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
     """Bytes of chunk buffer per row: the logits in ``dtype``; the torch path works in one fp32 buffer (plus, for
     half inputs, one buffer in the half type)."""
@@ -222,7 +216,6 @@ class _Chunks:
         else:
             size = opts.chunk_size
         self.size = max(1, min(size, n_rows))
-        self.retained = retained
         rows = max(retained, min(self.size, n_rows - retained))
         self.weight = self.bias = None
         if opts.use_triton:
@@ -534,7 +527,7 @@ def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chu
     if not (torch.is_grad_enabled() and needs_grad):
         retain = 0  # no backward follows
     elif retain is None:
-        retain = default_retained_logits_bytes(h2.device)
+        retain = chunk_budget_bytes(h2.device)  # what the automatic chunk buffer holds anyway (module docstring)
     opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), retain, gather)
     # Gather partitioned parameters *before* apply, so autograd records the full parameter shapes.
     with gather.gathered(weight, bias):

@@ -68,10 +68,11 @@ def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def merged_slices(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int, dtype: torch.dtype):
-    """round(W.index_select(axis, index) + D) in ``dtype``: the selected rows (columns) of the effective weight."""
-    acc = accumulate_dtype(weight.dtype, delta.dtype)
-    return (weight.index_select(axis, index).to(acc) + delta.to(acc)).to(dtype)
+def merged_slices(selected: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """round(W[R] + D) in ``dtype``, from ``selected`` = W.index_select(axis, R): the selected rows (columns) of the
+    effective weight, summed in ``accumulate_dtype`` and rounded once."""
+    acc = accumulate_dtype(selected.dtype, delta.dtype)
+    return (selected.to(acc) + delta.to(acc)).to(dtype)
 
 
 def effective_weight(
@@ -80,7 +81,7 @@ def effective_weight(
     """A fresh W_eff in ``dtype``: W with its selected rows (columns) replaced by round(W[R] + D)."""
     w_eff = weight.to(dtype=dtype, copy=True)
     if index.numel():
-        w_eff.index_copy_(axis, index, merged_slices(weight, delta, index, axis, dtype))
+        w_eff.index_copy_(axis, index, merged_slices(weight.index_select(axis, index), delta, dtype))
     return w_eff
 
 
@@ -96,13 +97,15 @@ def effective_weight_in_place(
     which guards tensors saved for a backward, is left alone. What the GEMM reads is therefore the same W_eff as
     :func:`effective_weight` builds; nothing else may read W while the GEMM runs (no other thread does in a training
     step; a kernel queued on the same CUDA stream runs in order). Other dtypes (autocast) get a fresh cast copy."""
-    if weight.dtype != dtype or not index.numel():
-        yield effective_weight(weight, delta, index, axis, dtype) if index.numel() else weight.to(dtype)
+    if not index.numel():
+        yield weight.to(dtype)
+        return
+    if weight.dtype != dtype:
+        yield effective_weight(weight, delta, index, axis, dtype)
         return
     storage = weight.data
     saved = storage.index_select(axis, index)
-    acc = accumulate_dtype(dtype, delta.dtype)
-    storage.index_copy_(axis, index, (saved.to(acc) + delta.to(acc)).to(dtype))  # = merged_slices(W, D, ...)
+    storage.index_copy_(axis, index, merged_slices(saved, delta, dtype))
     try:
         yield storage
     finally:
@@ -260,7 +263,8 @@ class RowDeltaLinear(nn.Linear):
         """
         weight, index, axis = self.weight, self.weight_delta_index, self.delta_axis
         if index.numel():
-            weight.index_copy_(axis, index, merged_slices(weight, self.weight_delta, index, axis, weight.dtype))
+            merged = merged_slices(weight.index_select(axis, index), self.weight_delta, weight.dtype)
+            weight.index_copy_(axis, index, merged)
         requires_grad = self.weight_requires_grad_before_attach
         del self.weight_delta
         del self.weight_delta_index
