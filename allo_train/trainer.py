@@ -585,7 +585,8 @@ def _run_stage(run: Run, stage: str) -> Path:
 def run_pipeline(cfg: TrainConfig) -> list[Path]:
     """Run cfg.pipeline.stages in order; with resume_from_checkpoint, finished stages are skipped."""
     finished = {s: stage_done(cfg, s) for s in cfg.pipeline.stages} if cfg.resume_from_checkpoint else {}
-    check_inputs(cfg, [s for s in cfg.pipeline.stages if finished.get(s) is None], finished=[*finished])
+    done_before = [s for s, done in finished.items() if done is not None]
+    check_inputs(cfg, [s for s in cfg.pipeline.stages if s not in done_before], finished=done_before)
     run = start_run(cfg)
     outputs = []
     with output_dir_lock(run):
