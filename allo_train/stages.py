@@ -197,11 +197,12 @@ def correction_data(cfg: TrainConfig, args: Any, tokenizer, device: torch.device
 
 # ----------------------------------------------------------------------------------------------------- losses
 def sft_loss(args: Any, out: PolicyOutputs) -> tuple[torch.Tensor, dict]:
-    """Mean negative log-prob of the response tokens."""
+    """Mean negative log-prob of the response tokens (``losses.sft_loss`` of the fused-linear log-probs, computed by
+    ``fused_linear_cross_entropy``: its gradients are made in the forward, so no logits are recomputed)."""
     import allo_kernels as ak
 
-    logp = ak.fused_linear_token_logprobs(out.hidden, out.lm_head_weight, out.labels, bias=out.lm_head_bias)
-    return ak.losses.sft_loss(logp, out.labels != ak.IGNORE_INDEX)
+    loss = ak.fused_linear_cross_entropy(out.hidden, out.lm_head_weight, out.labels, bias=out.lm_head_bias)
+    return loss, {"num_tokens": (out.labels != ak.IGNORE_INDEX).sum().float().detach()}
 
 
 def preference_loss(args: Any, out: PolicyOutputs, **token_drop: Any) -> tuple[torch.Tensor, dict]:

@@ -20,7 +20,10 @@ chunked losses compute their gradients inside the forward, so a forward-only com
 
 ``fused_linear_ce``: SFT cross-entropy, mean over the N tokens.
 
-* ``allo``          ``fused_linear_token_logprobs`` + ``losses.sft_loss`` (mean NLL).
+* ``allo``          ``fused_linear_token_logprobs`` + ``losses.sft_loss`` (mean NLL): the per-token op every
+                    alignment loss uses (its backward recomputes the rows whose logits were not retained).
+* ``allo_fused_ce`` ``fused_linear_cross_entropy``: the same loss with its gradients made in the forward (no
+                    recompute; the upstream gradient of every token is known there).
 * ``unfused``       ``token_logprobs(hidden @ W.T)`` + ``sft_loss``.
 * ``eager``         ``cross_entropy((hidden @ W.T).float(), labels)``.
 * ``liger``         ``LigerFusedLinearCrossEntropyLoss`` (Triton; CUDA only).
@@ -87,7 +90,7 @@ DPO_SHAPES = pick_shapes(cpu=[(2, 128, 64, 2000), (2, 128, 128, 8000)], gpu=[(16
 # (N tokens, H, V)
 CE_SHAPES = pick_shapes(cpu=[(256, 64, 2000), (1024, 128, 8000)], gpu=[(4096, 4096, 128256), (32768, 4096, 128256)])
 DPO_IMPLS = ("allo", "unfused", "eager_hf", "liger", "liger_noref")
-CE_IMPLS = ("allo", "unfused", "eager", "liger", "cce")
+CE_IMPLS = ("allo", "allo_fused_ce", "unfused", "eager", "liger", "cce")
 COMPILE_CPU = os.environ.get("ALLO_BENCH_COMPILE_CPU", "0") not in ("", "0", "false", "False")
 
 
@@ -121,6 +124,10 @@ def eager_ce(hidden, weight, labels, ignore_index: int = -100):
 def allo_ce(hidden, weight, labels, **options):
     logp = allo_kernels.fused_linear_token_logprobs(hidden, weight, labels, **options)
     return allo_kernels.losses.sft_loss(logp, labels != -100)[0]
+
+
+def allo_fused_ce(hidden, weight, labels):
+    return allo_kernels.fused_linear_cross_entropy(hidden, weight, labels)
 
 
 def unfused_ce(hidden, weight, labels):
@@ -180,7 +187,7 @@ def liger_ce(hidden, weight, labels):
 
 
 def skip_reason(impl: str, suite: str) -> str | None:
-    if impl in ("allo", "unfused") and not ON_GPU and select_backend(DEVICE) == "triton":
+    if impl in ("allo", "allo_fused_ce", "unfused") and not ON_GPU and select_backend(DEVICE) == "triton":
         return (
             "Triton interpreter timings are meaningless: unset TRITON_INTERPRET / ALLO_KERNELS_BACKEND for benchmarks"
         )
@@ -198,7 +205,7 @@ def skip_reason(impl: str, suite: str) -> str | None:
 
 
 def impl_note(impl: str, suite: str) -> str | None:
-    if impl in ("allo", "unfused") and not ON_GPU:
+    if impl in ("allo", "allo_fused_ce", "unfused") and not ON_GPU:
         return "CPU: torch path of our ops (the Triton kernels run on CUDA only)"
     if impl == "liger" and suite == "fused_linear_dpo":
         return "reference log-probs recomputed from ref_input x ref_weight (Liger takes no precomputed ones)"
@@ -341,7 +348,14 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
     if reason:
         record_skip(results, suite=suite, case="full", impl=impl, params=params, dtype=dname, reason=reason)
     hidden, weight, labels = ce_inputs(n, h, v)
-    loss_fn = {"allo": allo_ce, "unfused": unfused_ce, "eager": eager_ce, "liger": liger_ce, "cce": cce_ce}[impl]
+    loss_fn = {
+        "allo": allo_ce,
+        "allo_fused_ce": allo_fused_ce,
+        "unfused": unfused_ce,
+        "eager": eager_ce,
+        "liger": liger_ce,
+        "cce": cce_ce,
+    }[impl]
     _check_loss(
         results, suite, impl, params, lambda: loss_fn(hidden, weight, labels), lambda: allo_ce(hidden, weight, labels)
     )
@@ -362,16 +376,26 @@ def test_fused_linear_ce(benchmark, results, impl, n, h, v):
         ours=impl == "allo",
         warmup=_warmup(impl),
         note=impl_note(impl, suite),
-        extra={"backend": select_backend(DEVICE)} if impl in ("allo", "unfused") else None,
+        extra={"backend": select_backend(DEVICE)} if impl in ("allo", "allo_fused_ce", "unfused") else None,
     )
 
 
 # ------------------------------------------------------------------------------------ the issue-17 table (a script)
 # case -> (kind, shape, dtype, contenders). allo is the first contender of every case: ratios are against it.
 CASES: dict[str, tuple[str, dict[str, int], torch.dtype, tuple[str, ...]]] = {
-    "ce_fp32": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.float32, ("allo", "allo_retain0", "eager", "cce")),
-    "ce_bf16": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
-    "ce_bf16_small": ("ce", {"N": 16, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "eager", "cce")),
+    "ce_fp32": (
+        "ce",
+        {"N": 8192, "H": 1024, "V": 32000},
+        torch.float32,
+        ("allo", "allo_fused_ce", "allo_retain0", "eager", "cce"),
+    ),
+    "ce_bf16": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "allo_fused_ce", "eager", "cce")),
+    "ce_bf16_small": (
+        "ce",
+        {"N": 16, "H": 1024, "V": 32000},
+        torch.bfloat16,
+        ("allo", "allo_fused_ce", "eager", "cce"),
+    ),
     "dpo_fp32": (
         "dpo",
         {"B": 4, "T": 512, "H": 1024, "V": 32000},
@@ -397,13 +421,14 @@ _STANDALONE_NOTES = {
     "liger": "LigerFusedLinearDPOLoss(compiled=True), reference recomputed from ref_input x ref_weight",
     "eager_hf": "hidden @ W.T, log_softmax(.float()), gather, sums, sigmoid DPO (TRL-0.8 / official ALLO)",
     "eager": "cross_entropy((hidden @ W.T).float())",
+    "allo_fused_ce": "fused_linear_cross_entropy: gradients made in the forward, no recompute",
     "cce": "cut_cross_entropy.linear_cross_entropy(impl='torch_compile' on CPU, 'cce' on GPU)",
 }
 
 
 # Cases small enough for eager and CCE to finish where half GEMMs are emulated (CPUs without AVX512-BF16/AMX).
 _SMALL_ENOUGH_FOR_EMULATED_HALF = {"ce_bf16_small"}
-_SAME_LOSS_AS_ALLO = {"eager", "cce", "liger", "eager_hf", "allo_frozen"}
+_SAME_LOSS_AS_ALLO = {"eager", "cce", "liger", "eager_hf", "allo_frozen", "allo_fused_ce"}
 _RETAIN_PREFIX = "allo_retain"
 
 
@@ -456,7 +481,7 @@ def standalone_inputs(case: str, impl: str):
         labels = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
         if impl.startswith(_RETAIN_PREFIX):
             return (lambda: allo_ce(hidden, weight, labels, **retain_option(impl))), (hidden, weight)
-        fn = {"allo": allo_ce, "eager": eager_ce, "cce": cce_ce}[impl]
+        fn = {"allo": allo_ce, "allo_fused_ce": allo_fused_ce, "eager": eager_ce, "cce": cce_ce}[impl]
         return (lambda: fn(hidden, weight, labels)), (hidden, weight)
     rows, t = (2 * shape["B"], shape["T"]) if kind == "dpo" else (shape["B"], shape["T"])
     hidden = torch.randn(rows, t, h, device=DEVICE, generator=gen).to(dtype).requires_grad_()

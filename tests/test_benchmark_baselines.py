@@ -117,8 +117,13 @@ def test_eager_ce_equals_fused_sft():
     ours = bench_fused_linear.allo_ce(h2, w2, labels)
     torch.testing.assert_close(ours, eager)
     torch.testing.assert_close(bench_fused_linear.unfused_ce(hidden, weight, labels), eager)
-    for a, b in zip(_grads(ours, h2, w2), _grads(eager, h1, w1)):
-        torch.testing.assert_close(a, b)
+    h3, w3 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    fused_ce = bench_fused_linear.allo_fused_ce(h3, w3, labels)
+    torch.testing.assert_close(fused_ce, eager)
+    want = _grads(eager, h1, w1)
+    for a, b, c in zip(_grads(ours, h2, w2), _grads(fused_ce, h3, w3), want):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -353,6 +353,42 @@ def _scatter_rows(dst: torch.Tensor, index: Rows, src: torch.Tensor) -> None:
         dst.index_copy_(0, index, src.to(dst.dtype))
 
 
+def _chunk_gradients(chunks: _Chunks, z, h, index: Rows, labels, g, lse, row_sum, grads) -> None:
+    """One chunk's backward: ``z`` (its logits, recomputed or retained; on the torch path what the forward left of a
+    retained row when ``row_sum`` is given) becomes dZ = g / T * (onehot - softmax(Z / T)) in place, then
+    dH = dZ W is written to its rows of ``grads[0]``, dZ^T h added to ``grads[1]`` and the row sums of dZ to
+    ``grads[2]`` (each only when not None)."""
+    opts = chunks.opts
+    grad_h, grad_w, grad_b = grads
+    if opts.use_triton:
+        dz = logprobs_backward(
+            z,
+            row_layout(z),
+            labels,
+            lse,
+            g,
+            ignore_index=opts.ignore_index,
+            temperature=opts.temperature,
+            inplace=True,
+        )
+        dz_gemm = dz
+    else:
+        if row_sum is None:
+            dz = _backward_chunk_torch(z, labels, g, opts.temperature, lse=lse)
+        else:
+            dz = _backward_chunk_torch(z, labels, g, opts.temperature, row_sum=row_sum)
+        dz_gemm = chunks.round_to_dtype(dz)  # dz keeps the rounded values in fp32
+    if grad_h is not None:
+        if isinstance(index, slice) and chunks.writes_hidden_grad_directly(grad_h):
+            torch.mm(dz_gemm, chunks.weight, out=grad_h[index])
+        else:
+            _scatter_rows(grad_h, index, chunks.hidden_grad(dz_gemm))
+    if grad_w is not None:
+        _accumulate_weight_grad(grad_w, dz, h.to(opts.compute_dtype))
+    if grad_b is not None:
+        grad_b += dz.sum(0, dtype=torch.float32)
+
+
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opts: _Options):  # type: ignore[override]
@@ -431,6 +467,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         # No accumulator (and below no dW GEMM) for a frozen weight; fp32 weights accumulate into their gradient.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        grads = (grad_h, grad_w, grad_b)
         if (n_rows or n_kept) and (need_h or need_w or need_b):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 if chunks is None:
@@ -444,36 +481,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 for at, index in work:
                     h = _take(hidden, index)
                     z = chunks.logits(h) if at is None else chunks.rows(at, h.shape[0])
-                    lab, g, lse_c = labels[index], grad_logp[index], lse[index]
-                    if opts.use_triton:
-                        dz = logprobs_backward(
-                            z,
-                            row_layout(z),
-                            lab,
-                            lse_c,
-                            g,
-                            ignore_index=opts.ignore_index,
-                            temperature=opts.temperature,
-                            inplace=True,
-                        )
-                        dz_gemm = dz
-                    else:
-                        if at is None:
-                            dz = _backward_chunk_torch(z, lab, g, opts.temperature, lse=lse_c)
-                        else:
-                            row_sum = row_sums[at : at + z.shape[0]]
-                            dz = _backward_chunk_torch(z, lab, g, opts.temperature, row_sum=row_sum)
-                        dz_gemm = chunks.round_to_dtype(dz)  # dz keeps the rounded values in fp32
-                    if grad_h is not None:
-                        if isinstance(index, slice) and chunks.writes_hidden_grad_directly(grad_h):
-                            torch.mm(dz_gemm, chunks.weight, out=grad_h[index])
-                        else:
-                            _scatter_rows(grad_h, index, chunks.hidden_grad(dz_gemm))
-                    if grad_w is not None:
-                        _accumulate_weight_grad(grad_w, dz, h.to(opts.compute_dtype))
-                    if grad_b is not None:
-                        grad_b += dz.sum(0, dtype=torch.float32)
-                    del z, dz, dz_gemm
+                    row_sum = None if at is None or row_sums is None else row_sums[at : at + h.shape[0]]
+                    _chunk_gradients(chunks, z, h, index, labels[index], grad_logp[index], lse[index], row_sum, grads)
         del chunks, retained, row_sums
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
