@@ -29,10 +29,12 @@ tokens of a pair, the percentile mask couples a whole sequence), so computing dZ
 loss inside the kernel. Each recomputed row costs one extra [1, H] x [H, V] GEMM row (a third more matmul FLOPs than
 unfused when W is trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable
 unchanged on top, with per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows
-win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the
-backward) against time (K fewer recomputed rows). Default: the chunk budget (256 MiB on CPU, min(1 GiB, free / 8)
-on CUDA), i.e. as many rows as the automatic chunk buffer holds anyway: by default retention saves time and adds
-no memory. 0 recomputes every row; a larger budget recomputes fewer rows for more memory.
+win it back. (Plain cross-entropy, whose per-token gradients are all known in the forward, has its own op that
+makes them there: ``fused_linear_ce.fused_linear_cross_entropy``.) ``retain_logits_bytes`` sets the trade: memory
+(K rows of logits held from the forward to the backward) against time (K fewer recomputed rows). Default: the
+chunk budget (256 MiB on CPU, min(1 GiB, free / 8) on CUDA), i.e. as many rows as the automatic chunk buffer holds
+anyway: by default retention saves time and adds no memory. 0 recomputes every row; a larger budget recomputes
+fewer rows for more memory.
 (On our CPU, at CE N=8192, H=1024, V=32000, fp32: retaining 768 MiB instead took 0.92x the default's time at 2.2x
 its peak, and put a DPO batch of 4 pairs x 512 tokens above Liger's chunked DPO in memory; README, "Fused-linear
 losses on CPU".)
