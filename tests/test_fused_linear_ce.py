@@ -21,7 +21,7 @@ def token_path(hidden, weight, bias, labels, scale=1.0, reduction="mean", **kw):
 def unfused_fp32(hidden, weight, bias, labels, scale=1.0, temperature=1.0):
     h, w, b = leaves(hidden.float(), weight.float(), None if bias is None else bias.float())
     z = h @ w.t() + (0 if b is None else b)
-    loss = torch.nn.functional.cross_entropy(z / temperature, labels, ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy((z / temperature).flatten(0, -2), labels.flatten(), ignore_index=-100)
     (loss * scale).backward()
     return loss.detach(), h.grad, w.grad, None if b is None else b.grad
 
@@ -150,6 +150,27 @@ def test_strided_hidden_and_autocast_match_the_token_op(backend_name, backend):
     want[0].backward()
     for got, expect in ((loss, want[0]), (h.grad, h2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
         torch.testing.assert_close(got.detach(), expect.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fp16_takes_the_token_ops_path(backend_name, autocast, backend):
+    """fp16 training scales the loss so that dZ survives rounding to fp16; dZ made in the forward would not have the
+    scale yet, so fp16 runs the token op (its backward gets the scale): the same gradients bit for bit."""
+    backend(backend_name)
+    hidden, weight, bias, labels = make(torch.float32 if autocast else torch.float16, lead=(3, 9))
+    got, want = leaves(hidden, weight, bias), leaves(hidden, weight, bias)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        loss = ak.fused_linear_cross_entropy(*got[:2], labels, bias=got[2], chunk_size=4)
+        logp = ak.fused_linear_token_logprobs(*want[:2], labels, bias=want[2], chunk_size=4)
+        expect = ak.losses.sft_loss(logp, labels != -100)[0]
+    (loss * 2.0**16).backward()
+    (expect * 2.0**16).backward()
+    assert torch.equal(loss.detach(), expect.detach())
+    for a, b in zip(got, want):
+        assert torch.equal(a.grad, b.grad)
+    reference = unfused_fp32(hidden.half(), weight.half(), bias.half(), labels, 2.0**16)
+    torch.testing.assert_close(loss.detach(), reference[0], **TOL[torch.float16])
 
 
 def test_zero3_partitioned_weight_is_gathered_for_the_forward(backend):

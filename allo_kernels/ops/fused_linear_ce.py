@@ -28,6 +28,10 @@ wrap evaluation in ``torch.no_grad()`` (or call ``.detach()``-ed inputs) or it p
 The gradients are handed to autograd (no copy) by the first backward; a second backward through the same graph
 (``retain_graph=True``) raises instead of returning them twice.
 
+fp16 (inputs or autocast): the token op's path instead (``fused_linear_token_logprobs`` and the same reduction,
+with its recompute), because fp16 training relies on the loss scale reaching dZ before dZ is rounded to fp16, and in
+the forward that scale is not known yet; bf16 has fp32's range and needs no loss scale.
+
 Partitioned weights (DeepSpeed ZeRO-3): gathered around the forward through the gather context as in the token op,
 and gathered again for the backward only so that autograd and the framework's hooks see the full-shape gradient
 against the full parameter (no GEMM reads it there).
@@ -47,6 +51,7 @@ from .fused_linear import (
     _Chunks,
     _count,
     _forward_chunk_torch,
+    _fused_logprobs,
     _Options,
     _take,
     _validate_linear,
@@ -161,6 +166,15 @@ def fused_linear_cross_entropy(
         h2 = h2.contiguous()
     use_triton = select_backend(hidden.device) == "triton"
     opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), 0, gather)
+    if opts.compute_dtype == torch.float16:
+        # fp16 training scales the loss so that small gradients survive fp16; dZ made in the forward would not have
+        # that scale yet (g = -1 / n_valid times probabilities underflows). So the token op, whose backward has it.
+        labels = labels.reshape(-1)
+        logp = _fused_logprobs(h2, weight, labels, bias, ignore_index, temperature, chunk_size, gather, None)[0]
+        loss = -logp.sum()  # ignored rows are exactly 0
+        if reduction == "mean":
+            loss = loss / (labels != ignore_index).sum().clamp(min=1)
+        return loss
     # Gather partitioned parameters *before* apply, so autograd records the full parameter shapes.
     with gather.gathered(weight, bias):
         return FusedLinearCrossEntropyFunction.apply(
