@@ -6,7 +6,8 @@ bit-identical through forget and improve after the merge, selected ones change, 
 loads with ``from_pretrained`` and ``deltas.safetensors`` put onto the stage's starting model gives it bit for bit;
 at ZeRO-3 and with offload the improve stage resumed from its mid-run checkpoint ends as the uninterrupted run. A run
 killed mid-stage (ZeRO-2, forget) and resumed ends with the same weights as an uninterrupted run. Masked mode
-(SparseAdamW) runs in the single-rank scoring-model test.
+(SparseAdamW) runs in the single-rank scoring-model test. The sft stage (its loss: fused_linear_cross_entropy, the
+gradients made in the forward) trains the same weights at ZeRO-3 as at ZeRO-0.
 """
 
 import json
@@ -336,3 +337,27 @@ def test_forget_with_scoring_model_weights_single_rank(assets, tmp_path):
     weights_mean = [r["weights/mean"] for r in rows if "weights/mean" in r]
     # A random scoring model spreads probability over ~100 characters: weights 1 - p are close to, but below, 1.
     assert weights_mean and all(0.5 < w < 1.0 for w in weights_mean)
+
+
+def test_sft_stage_at_zero3_trains_the_weights_of_zero0(assets, tmp_path):
+    """The sft stage's loss is fused_linear_cross_entropy (gradients made in the forward, ZeRO-3's lm_head gathered
+    for it and its full-size gradient reduce-scattered by DeepSpeed's hooks): 2 ranks at ZeRO-3 train the same
+    weights as at ZeRO-0, and every weight moved."""
+    models = {}
+    for name, zero in (("zero0", {"stage": 0}), ("zero3", {"stage": 3})):
+        out = tmp_path / name
+        config = write_config(assets, out, zero)
+        cfg = yaml.safe_load(config.read_text())
+        for stage in ("warmup", "locate", "forget", "improve"):
+            del cfg[stage]
+        cfg["sft"] = {"data_path": str(assets / "pref.jsonl"), "completion_field": "chosen"}
+        cfg["pipeline"] = {"stages": ["sft"]}
+        config.write_text(yaml.safe_dump(cfg))
+        codes, logs = launch(config)
+        assert codes == [0, 0], logs[0][-3000:]
+        models[name] = weights(out / "sft" / "model")
+    base = weights(assets / "base")
+    assert set(models["zero3"]) == set(models["zero0"]) == set(base)
+    for name, w in models["zero3"].items():
+        torch.testing.assert_close(w, models["zero0"][name], rtol=1e-4, atol=1e-5, msg=name)
+        assert not torch.equal(w, base[name]), f"{name} did not move"
