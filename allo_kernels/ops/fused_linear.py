@@ -485,6 +485,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                     z = chunks.logits(h) if at is None else chunks.rows(at, h.shape[0])
                     row_sum = None if at is None or row_sums is None else row_sums[at : at + h.shape[0]]
                     _chunk_gradients(chunks, z, h, index, labels[index], grad_logp[index], lse[index], row_sum, grads)
+                    del z, h  # the buffer is freed below, before the half-weight gradient casts
         del chunks, retained, row_sums
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None

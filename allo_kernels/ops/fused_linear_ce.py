@@ -95,6 +95,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     if with_grads:
                         g = torch.full_like(logp_c, g_row)
                         _chunk_gradients(chunks, z, h, index, lab, g, lse_c, row_sum, grads)
+                    del z, h  # the buffer is freed with ``chunks`` below
                 del chunks
         loss = -logp_sum
         if reduction == "mean":
