@@ -916,6 +916,13 @@ def _resolve_and_check(cfg: TrainConfig, raw: dict[str, Any]) -> None:
         if table[stage].needs_masks and section.ratio is None:
             section.ratio = cfg.locate.ratio
         # ILA's masks (locate.method ila, or a pipeline that runs ila and not locate) are whole layers.
+        ila_masks = cfg.locate.method == "ila" or cfg.masks_stage() == "ila"
+        if table[stage].needs_masks and ila_masks and section.ratio != cfg.locate.ratio:
+            raise ValueError(
+                f"config key '{stage}.ratio' ({section.ratio}) differs from locate.ratio ({cfg.locate.ratio}), which "
+                "re-selects neurons from locate's importance; ILA selects whole layers (ila.keep_layers): leave "
+                f"{stage}.ratio unset"
+            )
         located_elements = cfg.locate.granularity == "element" and cfg.locate.method != "ila"
         if getattr(section, "sparsity", None) == "delta" and located_elements and cfg.masks_stage() == "locate":
             raise ValueError(

@@ -132,13 +132,8 @@ def stage_masks(run: Run, stage: str) -> tuple[dict[str, torch.Tensor], str]:
     source = cfg.masks_stage()
     loc = cfg.stage_dir(source)
     ratio = cfg.section(stage).ratio
-    if ratio is None or ratio == cfg.locate.ratio:
+    if ratio is None or ratio == cfg.locate.ratio:  # always so with ILA's masks (config load checks it)
         return load_masks(loc), f"masks file {loc / MASKS_FILE}"
-    if source == "ila" or cfg.locate.method == "ila":
-        raise ValueError(
-            f"config key '{stage}.ratio' ({ratio}) differs from locate.ratio, which re-selects neurons from locate's "
-            f"importance; ILA selects whole layers (ila.keep_layers): leave {stage}.ratio unset"
-        )
     importance = load_importance(loc / IMPORTANCE_FILE)
     masks = select_masks(
         importance, ratio=ratio, granularity=cfg.locate.granularity, scope=cfg.locate.scope, exclude=cfg.locate.exclude

@@ -115,6 +115,22 @@ def test_bad_keys_and_values_name_the_key(override, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["locate.method=ila", "forget.ratio=0.2"], ["pipeline.stages=[ila, forget, improve]", "improve.ratio=0.3"]],
+)
+def test_a_stage_ratio_with_ila_masks_is_refused_at_load(overrides):
+    """ILA's masks are whole layers: a forget/improve ratio that would re-select neurons is a config error, named
+    before anything runs (it was found only when the stage started)."""
+    stage = overrides[1].split(".")[0]
+    with pytest.raises(ValueError, match=rf"config key '{stage}\.ratio' \(0\.[23]\) differs from locate\.ratio"):
+        load_config(None, overrides)
+    same = overrides[:1] + [f"{stage}.ratio=0.05"]  # locate.ratio's default: nothing re-selected
+    assert load_config(None, same).section(stage).ratio == 0.05
+    assert load_config(None, overrides[:1]).section(stage).ratio == 0.05  # unset: locate.ratio
+    assert load_config(None, ["forget.ratio=0.2"]).forget.ratio == 0.2  # located masks: re-selected, fine
+
+
 def test_unknown_key_in_yaml_section(tmp_path):
     path = write_yaml(tmp_path, {"locate": {"ratoi": 0.1}})
     with pytest.raises(ValueError, match=r"unknown config key 'locate.ratoi' \(value 0.1\)"):
