@@ -44,6 +44,7 @@ import torch
 from .._backend import select_backend
 from .._validate import check_choice
 from ..integrations import ParamGather
+from ..losses import sft_loss
 from .fused_linear import (
     _active_rows,
     _chunk_gradients,
@@ -172,10 +173,9 @@ def fused_linear_cross_entropy(
         # that scale yet (g = -1 / n_valid times probabilities underflows). So the token op, whose backward has it.
         labels = labels.reshape(-1)
         logp = _fused_logprobs(h2, weight, labels, bias, ignore_index, temperature, chunk_size, gather, None)[0]
-        loss = -logp.sum()  # ignored rows are exactly 0
         if reduction == "mean":
-            loss = loss / (labels != ignore_index).sum().clamp(min=1)
-        return loss
+            return sft_loss(logp, labels != ignore_index)[0]
+        return -logp.sum()  # ignored rows are exactly 0
     # Gather partitioned parameters *before* apply, so autograd records the full parameter shapes.
     with gather.gathered(weight, bias):
         return FusedLinearCrossEntropyFunction.apply(
