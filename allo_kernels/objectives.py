@@ -19,8 +19,8 @@ from . import losses
 from ._backend import select_backend
 from ._validate import check_choice, check_tensor, describe
 from .integrations.gather import ParamGather
-from .ops.fused_linear import fused_linear_token_logprobs, fused_linear_token_scores
-from .ops.token_logprobs import IGNORE_INDEX
+from .ops.fused_linear import _validate_linear, fused_linear_token_logprobs, fused_linear_token_scores
+from .ops.token_logprobs import IGNORE_INDEX, validate_logits_labels
 from .ops.token_scores import TokenScores, scores_from_logprobs, token_scores, validate_score_options
 
 PREFERENCE_LOSS_TYPES = (*losses.DPO_LOSS_TYPES, "simpo")
@@ -81,6 +81,24 @@ def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict
         )
         for rows, (ref, w, beta, fraction) in zip((slice(None, half), slice(half, None)), checked)
     ]
+
+
+def _weight_zero_as_ignored(
+    policy, labels, weights, lm_head_weight, lm_head_bias, fused: dict, *, ignore_index, temperature
+) -> torch.Tensor:
+    """``labels`` with ``ignore_index`` where ``weights`` is 0, for a loss to which those tokens add exactly 0.
+
+    The labels and weights are checked as given first (the scorer's own checks and messages), so a bad label is
+    refused even where its weight is 0."""
+    if lm_head_weight is None:
+        _, labels, _ = validate_logits_labels(policy, labels, ignore_index=ignore_index, temperature=temperature)
+    else:
+        opts = (fused["chunk_size"], fused["retain_logits_bytes"], ignore_index, temperature, fused["gather"])
+        labels = _validate_linear(policy, lm_head_weight, labels, lm_head_bias, *opts)[2]
+    _, w, _, _ = validate_score_options(
+        labels, None, weights, beta=1.0, mask_fraction=0.0, mask_by="highest", mask_scope="sequence"
+    )
+    return labels.masked_fill(w == 0, ignore_index)
 
 
 def _halves(name: str, t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -228,13 +246,21 @@ def forgetting_loss(
     ``loss = sum_bt -w_bt * logsigmoid(-beta * (logp_bt - ref_bt)) / #{w_bt != 0}`` (0 when all weights are 0);
     ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says. ``chunk_size``,
     ``retain_logits_bytes`` and ``gather`` as in :func:`preference_loss`.
+
+    A token of weight 0 is scored as an ignored position: it adds exactly 0 to the loss, its gradient and every
+    metric, so its row gets no logits GEMM and no vocabulary pass, in the forward as in the backward (ALLO weights
+    only the unaligned tokens: most of a forgetting batch costs nothing).
     """
+    fused = _fused_options(chunk_size, retain_logits_bytes, gather)
+    scored_labels = _weight_zero_as_ignored(
+        policy, labels, weights, lm_head_weight, lm_head_bias, fused, ignore_index=ignore_index, temperature=temperature
+    )
     s = _scores(
         policy,
-        labels,
+        scored_labels,
         lm_head_weight,
         lm_head_bias,
-        _fused_options(chunk_size, retain_logits_bytes, gather),
+        fused,
         ref_logprobs=ref_logprobs,
         weights=weights,
         beta=beta,

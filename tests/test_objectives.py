@@ -188,10 +188,57 @@ def test_forgetting_loss_backward_computes_only_weighted_tokens(backend_name, re
     )
     loss.backward()
     weighted = int(((w_tok != 0) & (labels != -100)).sum())
-    n_valid = int((labels != -100).sum())
+    assert 0 < weighted < int((labels != -100).sum())
+    # A weight-0 token is not scored at all: no logits GEMM row in the forward either.
     assert sum(seen["weight_grad"]) == weighted
-    assert sum(seen["logits"]) == n_valid + (weighted if retain == 0 else 0)
+    assert sum(seen["logits"]) == weighted * (2 if retain == 0 else 1)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ak.forgetting_loss(h2 @ w2.t(), labels, ref_logprobs=ref, weights=w_tok)[0].backward()
     torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_forgetting_loss_equals_scoring_every_token(fused, backend_name, backend):
+    """Scoring weight-0 tokens as ignored changes nothing: loss, metrics and gradients equal token_npo_loss on the
+    scores of every valid token (the path before weight-0 tokens were skipped), fp32, 1e-6 relative."""
+    backend(backend_name)
+    hidden, weight, labels, ref = batch(T=20, seed=4)
+    g = torch.Generator().manual_seed(11)
+    w_tok = torch.rand(labels.shape, generator=g) * (torch.rand(labels.shape, generator=g) < 0.3)
+
+    def run(skip_weight_zero):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if skip_weight_zero:
+            policy, head = (h, w) if fused else (h @ w.t(), None)
+            loss, metrics = ak.forgetting_loss(
+                policy, labels, lm_head_weight=head, ref_logprobs=ref, weights=w_tok, chunk_size=4 if fused else None
+            )
+        else:
+            if fused:
+                s = ak.fused_linear_token_scores(h, w, labels, ref_logprobs=ref, weights=w_tok, chunk_size=4)
+            else:
+                s = ak.token_scores(h @ w.t(), labels, ref_logprobs=ref, weights=w_tok)
+            masked_ref = torch.where(s.keep, ref, torch.zeros_like(ref))
+            loss, metrics = ak.losses.token_npo_loss(s.logprobs, masked_ref, s.weights, beta=0.1)
+        loss.backward()
+        return loss.detach(), metrics, h.grad, w.grad
+
+    loss, metrics, h_grad, w_grad = run(True)
+    loss0, metrics0, h_grad0, w_grad0 = run(False)
+    assert loss0 != 0 and metrics0.keys() == metrics.keys()
+    pairs = [(loss, loss0), (h_grad, h_grad0), (w_grad, w_grad0), *((metrics[k], metrics0[k]) for k in metrics)]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_forgetting_loss_refuses_a_bad_label_at_a_weight_zero_token(fused):
+    hidden, weight, labels, ref = batch()
+    labels[0, 5] = 80  # == V: out of range
+    w_tok = torch.ones(labels.shape)
+    w_tok[0, 5] = 0.0
+    policy, head = (hidden, weight) if fused else (hidden @ weight.t(), None)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 80\).*got 80 at index \(0, 5\)"):
+        ak.forgetting_loss(policy, labels, lm_head_weight=head, ref_logprobs=ref, weights=w_tok)
