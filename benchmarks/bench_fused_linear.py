@@ -51,7 +51,8 @@ on CPUs without native bf16 GEMMs (there torch's emulated bf16 dH GEMM alone tak
 V=32000); sigmoid DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90%
 of each rejected response's tokens dropped (ALLO's improving-stage mask), lm_head trainable and frozen, against
 Liger's compiled chunked DPO and the eager TRL path; token-weighted NPO (ALLO's forgetting stage) with all and with
-20% of the weights nonzero; ``dpo_fp32_drop90`` is the 90%-dropped DPO ratio alone. ``--save`` and ``--json``
+20% of the weights nonzero; ``dpo_fp32_drop90`` is the 90%-dropped DPO ratio alone, ``ce_fp32_vs_eager`` allo's two
+CE entry points against eager alone. ``--save`` and ``--json``
 merge into an existing report: cases not run keep their entries, each with the metadata of its own run. A
 contender ``allo_retain<MiB>`` (e.g. ``--impls allo allo_retain0 allo_retain512``) is allo
 with ``retain_logits_bytes`` set to that many MiB.
@@ -388,6 +389,13 @@ CASES: dict[str, tuple[str, dict[str, int], torch.dtype, tuple[str, ...]]] = {
         {"N": 8192, "H": 1024, "V": 32000},
         torch.float32,
         ("allo", "allo_fused_ce", "allo_retain0", "eager", "cce"),
+    ),
+    # allo's two CE entry points against eager alone (three contenders: shorter rounds, less drift between them)
+    "ce_fp32_vs_eager": (
+        "ce",
+        {"N": 8192, "H": 1024, "V": 32000},
+        torch.float32,
+        ("allo", "allo_fused_ce", "eager"),
     ),
     "ce_bf16": ("ce", {"N": 8192, "H": 1024, "V": 32000}, torch.bfloat16, ("allo", "allo_fused_ce", "eager", "cce")),
     "ce_bf16_small": (
