@@ -13,13 +13,22 @@ pass ``logits[:, :-1]`` / ``hidden[:, :-1]`` with ``labels[:, 1:]``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import losses
 from ._backend import select_backend
 from ._validate import check_choice, check_tensor, describe
 from .integrations.gather import ParamGather
-from .ops.fused_linear import _validate_linear, fused_linear_token_logprobs, fused_linear_token_scores
+from .ops.fused_linear import (
+    _Options,
+    _validate_linear,
+    compute_dtype,
+    fused_linear_token_logprobs,
+    fused_linear_token_scores,
+)
+from .ops.fused_linear_pairs import PairLoss, fused_linear_pair_loss, pair_plan
 from .ops.token_logprobs import IGNORE_INDEX, validate_logits_labels
 from .ops.token_scores import TokenScores, scores_from_logprobs, token_scores, validate_score_options
 
@@ -40,11 +49,10 @@ def _scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict, **kw) -> 
     return fused_linear_token_scores(policy, lm_head_weight, labels, bias=lm_head_bias, **fused, **kw)
 
 
-def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict, sides, **common):
-    """Scores of both halves of a ``[chosen; rejected]`` batch from ONE fused-linear call over all its rows (one chunk
-    loop, one kept chunk, one cast of the lm_head), split afterwards; ``sides`` = per-half options."""
+def _side_options(labels: torch.Tensor, sides, common: dict) -> list[tuple[torch.Tensor, torch.Tensor, float, float]]:
+    """The checked (ref, weights, beta, mask_fraction) of the chosen and the rejected half of a [2B, T] batch."""
     half = labels.shape[0] // 2
-    checked = [
+    return [
         validate_score_options(
             labels[rows],
             side["ref_logprobs"],
@@ -56,22 +64,20 @@ def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict
         )
         for rows, side in zip((slice(None, half), slice(half, None)), sides)
     ]
-    logprobs = fused_linear_token_logprobs(
-        policy,
-        lm_head_weight,
-        labels,
-        bias=lm_head_bias,
-        ignore_index=common["ignore_index"],
-        temperature=common["temperature"],
-        **fused,
-    )
-    use_triton = select_backend(policy.device) == "triton"
+
+
+def _pair_scores(logprobs, labels, checked, common: dict, use_triton: bool, pairs: slice | None = None):
+    """TokenScores of the chosen and the rejected half of ``logprobs`` [2P, T]: pairs ``pairs`` (default: all) of
+    the batch whose labels are ``labels`` [2B, T], chosen rows first."""
+    half = labels.shape[0] // 2
+    pairs = pairs or slice(0, half)
+    n = pairs.stop - pairs.start
     return [
         scores_from_logprobs(
-            logprobs[rows],
-            labels[rows],
-            ref,
-            w,
+            logprobs[side * n : (side + 1) * n],
+            labels[side * half + pairs.start : side * half + pairs.stop],
+            ref[pairs],
+            w[pairs],
             beta=beta,
             mask_fraction=fraction,
             mask_by=common["mask_by"],
@@ -79,8 +85,107 @@ def _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict
             ignore_index=common["ignore_index"],
             use_triton=use_triton,
         )
-        for rows, (ref, w, beta, fraction) in zip((slice(None, half), slice(half, None)), checked)
+        for side, (ref, w, beta, fraction) in enumerate(checked)
     ]
+
+
+def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: dict, sides, loss_of, **common):
+    """preference_loss from hidden states: where ``fused_linear_pairs`` applies, its gradients are made in the forward,
+    a group of whole pairs at a time (no recompute); otherwise ONE token-op call over all rows of the batch (one chunk
+    loop, one retained block, one cast of the lm_head), its log-probs split into the two halves afterwards."""
+    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+        policy,
+        lm_head_weight,
+        labels,
+        lm_head_bias,
+        fused["chunk_size"],
+        fused["retain_logits_bytes"],
+        common["ignore_index"],
+        common["temperature"],
+        fused["gather"],
+    )
+    checked = _side_options(labels, sides, common)
+    use_triton = select_backend(hidden.device) == "triton"
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1:
+        h2 = h2.contiguous()
+    dtype = compute_dtype(h2, weight)
+    opts = _Options(common["ignore_index"], temperature, fused["chunk_size"], use_triton, dtype, 0, gather)
+    needs_grad = h2.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    # The batch-wide percentile mask couples every pair; fp16 needs the loss scale in dZ (see fused_linear_pairs).
+    coupled = common["mask_scope"] == "batch" and any(fraction > 0 for *_, fraction in checked)
+    plan = None
+    if torch.is_grad_enabled() and needs_grad and not coupled and opts.compute_dtype != torch.float16:
+        plan = pair_plan(labels, opts, gather.full_shape(weight)[0], hidden.shape[-1])
+    if plan is None:
+        logprobs = fused_linear_token_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=common["ignore_index"], temperature=temperature, **fused
+        )
+        return loss_of(*_pair_scores(logprobs, labels, checked, common, use_triton))
+
+    def group_loss(logprobs: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        return loss_of(*_pair_scores(logprobs, labels, checked, common, use_triton, slice(b0, b1)))[0]
+
+    def batch_loss(logprobs: torch.Tensor):
+        return loss_of(*_pair_scores(logprobs, labels, checked, common, use_triton))
+
+    metrics: dict[str, torch.Tensor] = {}
+    pair_loss = PairLoss(plan, group_loss, batch_loss, metrics)
+    loss = fused_linear_pair_loss(h2, weight, bias, labels.reshape(-1).contiguous(), opts, pair_loss)
+    return loss, metrics
+
+
+def _pair_loss(
+    c: TokenScores, r: TokenScores, *, loss_type: str, beta: float, label_smoothing: float, simpo_gamma: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The preference loss of ``loss_type`` on the chosen and rejected scores of the same pairs."""
+    if loss_type == "simpo":
+        loss, metrics = losses.simpo_loss(
+            c.seq_logprobs,
+            r.seq_logprobs,
+            chosen_lengths=c.n_tokens,
+            rejected_lengths=r.n_tokens,
+            beta=beta,
+            gamma=simpo_gamma,
+            label_smoothing=label_smoothing,
+        )
+    elif loss_type == "ipo":
+
+        def avg(s: TokenScores, x: torch.Tensor) -> torch.Tensor:
+            return x / s.n_tokens.clamp(min=1.0)
+
+        loss, metrics = losses.dpo_loss(
+            avg(c, c.seq_logprobs),
+            avg(r, r.seq_logprobs),
+            avg(c, c.seq_ref_logprobs),
+            avg(r, r.seq_ref_logprobs),
+            beta=beta,
+            loss_type="ipo",
+        )
+    elif loss_type == "sigmoid":
+        loss, metrics = losses.kept_token_dpo_loss(
+            c.seq_logprobs,
+            r.seq_logprobs,
+            c.seq_ref_logprobs,
+            r.seq_ref_logprobs,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            chosen_tokens=c.n_tokens,
+            rejected_tokens=r.n_tokens,
+        )
+    else:
+        loss, metrics = losses.dpo_loss(
+            c.seq_logprobs,
+            r.seq_logprobs,
+            c.seq_ref_logprobs,
+            r.seq_ref_logprobs,
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
+    metrics.setdefault("tokens/chosen", c.n_tokens.mean().detach())
+    metrics.setdefault("tokens/rejected", r.n_tokens.mean().detach())
+    return loss, metrics
 
 
 def _weight_zero_as_ignored(
@@ -148,6 +253,11 @@ def preference_loss(
             ``fused_linear_token_logprobs`` (rows per chunk, the budget of logits retained from the forward for the
             backward, the gather context of a partitioned lm_head); unused without it.
 
+    With ``lm_head_weight`` the gradients are made in the forward, a chunk of whole pairs at a time (no logits
+    recomputed, nothing retained; ``ops/fused_linear_pairs.py``), so the loss takes one backward. Where that does not
+    apply (a pair with more valid tokens than the chunk rows, ``mask_scope="batch"`` with tokens dropped, fp16, or no
+    gradient wanted) the token op's path runs, where ``retain_logits_bytes`` applies. Same loss and metrics either way.
+
     Returns:
         ``(loss, metrics)`` with TRL's metric names (plus ``tokens/chosen`` and ``tokens/rejected``).
     """
@@ -168,62 +278,17 @@ def preference_loss(
         dict(ref_logprobs=ref_c, weights=w_c, mask_fraction=frac_c),
         dict(ref_logprobs=ref_r, weights=w_r, mask_fraction=frac_r),
     )
+    loss_of = functools.partial(
+        _pair_loss, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma
+    )
     if lm_head_weight is not None:
         fused = _fused_options(chunk_size, retain_logits_bytes, gather)
-        c, r = _fused_pair_scores(policy, labels, lm_head_weight, lm_head_bias, fused, sides, **common)
-    else:
-        c, r = (
-            _scores(p, lab, None, lm_head_bias, {}, **side, **common)
-            for p, lab, side in zip((policy_c, policy_r), (labels_c, labels_r), sides)
-        )
-
-    if loss_type == "simpo":
-        loss, metrics = losses.simpo_loss(
-            c.seq_logprobs,
-            r.seq_logprobs,
-            chosen_lengths=c.n_tokens,
-            rejected_lengths=r.n_tokens,
-            beta=beta,
-            gamma=simpo_gamma,
-            label_smoothing=label_smoothing,
-        )
-    elif loss_type == "ipo":
-
-        def avg(s: TokenScores, x: torch.Tensor) -> torch.Tensor:
-            return x / s.n_tokens.clamp(min=1.0)
-
-        loss, metrics = losses.dpo_loss(
-            avg(c, c.seq_logprobs),
-            avg(r, r.seq_logprobs),
-            avg(c, c.seq_ref_logprobs),
-            avg(r, r.seq_ref_logprobs),
-            beta=beta,
-            loss_type="ipo",
-        )
-    elif loss_type == "sigmoid":
-        loss, metrics = losses.kept_token_dpo_loss(
-            c.seq_logprobs,
-            r.seq_logprobs,
-            c.seq_ref_logprobs,
-            r.seq_ref_logprobs,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            chosen_tokens=c.n_tokens,
-            rejected_tokens=r.n_tokens,
-        )
-    else:
-        loss, metrics = losses.dpo_loss(
-            c.seq_logprobs,
-            r.seq_logprobs,
-            c.seq_ref_logprobs,
-            r.seq_ref_logprobs,
-            beta=beta,
-            loss_type=loss_type,
-            label_smoothing=label_smoothing,
-        )
-    metrics.setdefault("tokens/chosen", c.n_tokens.mean().detach())
-    metrics.setdefault("tokens/rejected", r.n_tokens.mean().detach())
-    return loss, metrics
+        return _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused, sides, loss_of, **common)
+    c, r = (
+        _scores(p, lab, None, lm_head_bias, {}, **side, **common)
+        for p, lab, side in zip((policy_c, policy_r), (labels_c, labels_r), sides)
+    )
+    return loss_of(c, r)
 
 
 def forgetting_loss(

@@ -102,31 +102,39 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             loss = loss / max(n_rows, 1)
         ctx.grads = grads if with_grads else None
+        ctx.op_name = "fused_linear_cross_entropy"
         # weight/bias are kept as objects (not saved tensors): a partitioned weight is gathered again in the backward.
         ctx.weight, ctx.bias, ctx.gather = weight, bias, opts.gather
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_cross_entropy: its gradients were already handed to an earlier backward through this "
-                "graph (they are made in the forward and given once); call it again to backpropagate a second time"
-            )
-        (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None  # no reference left here: autograd may keep them as is
-        weight, bias = ctx.weight, ctx.bias
-        release = ctx.gather.gather_for_backward(weight, bias)  # the full parameter for autograd's shape check
-        scale = float(grad_loss)  # one host sync per call
-        out = []
-        for grad, param in ((grad_h, None), (grad_w, weight), (grad_b, bias)):
-            if grad is not None:
-                if scale != 1.0:
-                    grad.mul_(scale)
-                if param is not None:
-                    grad = grad.to(param.dtype)  # fp32 accumulators, rounded once
-            out.append(grad)
-        release()
-        return out[0], out[1], out[2], None, None, None, None
+        grad_h, grad_w, grad_b = hand_over_gradients(ctx, grad_loss)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def hand_over_gradients(ctx, grad_loss: torch.Tensor):
+    """The backward of an op that made its gradients in the forward (``ctx.grads``; ``ctx.weight``, ``ctx.bias``,
+    ``ctx.gather``, ``ctx.op_name``): (dH, dW, dB) times the upstream scalar, the parameter ones in their dtype."""
+    if ctx.grads is None:
+        raise RuntimeError(
+            f"{ctx.op_name}: its gradients were already handed to an earlier backward through this graph (they are "
+            "made in the forward and given once); call it again to backpropagate a second time"
+        )
+    (grad_h, grad_w, grad_b), ctx.grads = ctx.grads, None  # no reference left here: autograd may keep them as is
+    weight, bias = ctx.weight, ctx.bias
+    release = ctx.gather.gather_for_backward(weight, bias)  # the full parameter for autograd's shape check
+    scale = float(grad_loss)  # one host sync per call
+    out = []
+    for grad, param in ((grad_h, None), (grad_w, weight), (grad_b, bias)):
+        if grad is not None:
+            if scale != 1.0:
+                grad.mul_(scale)
+            if param is not None:
+                grad = grad.to(param.dtype)  # fp32 accumulators, rounded once
+        out.append(grad)
+    release()
+    return tuple(out)
 
 
 def fused_linear_cross_entropy(
