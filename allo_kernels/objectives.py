@@ -254,7 +254,8 @@ def preference_loss(
             backward, the gather context of a partitioned lm_head); unused without it.
 
     With ``lm_head_weight`` the gradients are made in the forward, a chunk of whole pairs at a time (no logits
-    recomputed, nothing retained; ``ops/fused_linear_pairs.py``), so the loss takes one backward. Where that does not
+    recomputed, nothing retained; ``ops/fused_linear_pairs.py``), so the loss takes one backward (a second one through
+    the same graph raises). Where that does not
     apply (a pair with more valid tokens than the chunk rows, ``mask_scope="batch"`` with tokens dropped, fp16, or no
     gradient wanted) the token op's path runs, where ``retain_logits_bytes`` applies. Same loss and metrics either way.
 

@@ -23,8 +23,8 @@ with a zero gradient is dropped from its buffer rows before any GEMM). The rows 
 A frozen lm_head (``weight.requires_grad`` False, ALLO's default) has no dW GEMM and no accumulator. The retained
 rows are the first valid ones: in a ``[chosen; rejected]`` batch the chosen half, which ALLO's masks never drop.
 
-Why recompute at all instead of "gradient in forward" (what Liger's fused losses do): this op returns log-probs,
-and the gradient of a loss on top w.r.t. logp_t is known only once that loss is computed (DPO's sigmoid couples all
+Why recompute at all instead of "gradient in forward" (what Liger's fused losses do): this op returns log-probs, and
+the gradient of a loss on top w.r.t. logp_t is known only once that loss is computed (DPO's sigmoid couples all
 tokens of a pair, the percentile mask a whole sequence), so computing dZ in the forward would have to fix the loss
 inside the op. Where the loss is known and splits into independent parts, ops that do fix it make the gradients in
 the forward: ``fused_linear_ce.fused_linear_cross_entropy`` (plain cross-entropy: every token's gradient is known up
@@ -32,11 +32,10 @@ front) and ``fused_linear_pairs`` (the preference losses of ``objectives.prefere
 chunks of whole pairs). Each recomputed row costs one extra [1, H] x [H, V] GEMM row (a third more matmul FLOPs than
 unfused when W is trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable
 unchanged on top, with per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows
-win it back. ``retain_logits_bytes`` sets the trade: memory
-(K rows of logits held from the forward to the backward) against time (K fewer recomputed rows). Default: the
-chunk budget (256 MiB on CPU, min(1 GiB, free / 8) on CUDA), i.e. as many rows as the automatic chunk buffer holds
-anyway: by default retention saves time and adds no memory. 0 recomputes every row; a larger budget recomputes
-fewer rows for more memory.
+win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the backward)
+against time (K fewer recomputed rows). Default: the chunk budget (256 MiB on CPU, min(1 GiB, free / 8) on CUDA),
+i.e. as many rows as the automatic chunk buffer holds anyway: by default retention saves time and adds no memory. 0
+recomputes every row; a larger budget recomputes fewer rows for more memory.
 (On our CPU, at CE N=8192, H=1024, V=32000, fp32: retaining 768 MiB instead took 0.92x the default's time at 2.2x
 its peak, and put a DPO batch of 4 pairs x 512 tokens above Liger's chunked DPO in memory; README, "Fused-linear
 losses on CPU".)
