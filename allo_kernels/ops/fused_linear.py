@@ -317,6 +317,26 @@ def _forward_chunk_torch(x: torch.Tensor, labels: torch.Tensor, temperature: flo
     return target - lse, lse, s
 
 
+def _score_chunk(opts: _Options, z: torch.Tensor, labels: torch.Tensor):
+    """(logp, lse, s) of a chunk of valid rows' logits ``z``: the Triton path leaves z intact (s is None); the torch
+    path leaves e = exp(z / T - m) in z and returns the row sums s of e (``_forward_chunk_torch``)."""
+    if opts.use_triton:
+        logp, lse = logprobs_forward(
+            z, row_layout(z), labels, ignore_index=opts.ignore_index, temperature=opts.temperature
+        )
+        return logp, lse, None
+    return _forward_chunk_torch(z, labels, opts.temperature)
+
+
+def _gradient_buffers(hidden, weight, bias, need_h: bool, need_w: bool, need_b: bool):
+    """Zeroed (dH, dW, db) for the inputs that need one (None for the others): dH in hidden's dtype, the parameter
+    gradients as fp32 accumulators (rounded to the parameter's dtype once, at the end)."""
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    return grad_h, grad_w, grad_b
+
+
 def _backward_chunk_torch(x, labels, g, temperature, *, lse=None, row_sum=None):
     """dZ = g / T * (onehot - softmax) [c, V], in place in ``x``: either recomputed fp32 logits (``lse`` given:
     softmax = exp(x / T - lse)) or what the forward left of a retained row (``row_sum`` s given: softmax = x / s)."""
@@ -411,14 +431,9 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 def score(index: Rows, at: int | None) -> None:
                     """Log-probs of one chunk; ``at``: the buffer rows it is retained in (None: not retained)."""
                     z, lab = chunks.logits(_take(hidden, index), at or 0), labels[index]
-                    if opts.use_triton:  # leaves z intact
-                        logp_c, lse_c = logprobs_forward(
-                            z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
-                        )
-                    else:  # leaves e = exp(z / T - m) in z, and the row sums s of e
-                        logp_c, lse_c, s = _forward_chunk_torch(z, lab, opts.temperature)
-                        if at is not None:
-                            row_sums[at : at + z.shape[0]] = s
+                    logp_c, lse_c, s = _score_chunk(opts, z, lab)
+                    if at is not None and s is not None:
+                        row_sums[at : at + z.shape[0]] = s
                     _scatter_rows(logp, index, logp_c)
                     _scatter_rows(lse, index, lse_c)
 
@@ -465,12 +480,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 kept = keep + kept.start if isinstance(kept, slice) else kept[keep]
         rows = _active_rows(active)
         n_rows = _count(rows)
-        grad_h = torch.zeros_like(hidden) if need_h else None
         release = opts.gather.gather_for_backward(weight, bias)
-        # No accumulator (and below no dW GEMM) for a frozen weight; fp32 weights accumulate into their gradient.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        grads = (grad_h, grad_w, grad_b)
+        # No accumulator (and below no dW GEMM) for a frozen weight.
+        grads = _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b)
+        grad_h, grad_w, grad_b = grads
         if (n_rows or n_kept) and (need_h or need_w or need_b):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 if chunks is None:

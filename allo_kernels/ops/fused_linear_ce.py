@@ -51,14 +51,15 @@ from .fused_linear import (
     _chunk_indices,
     _Chunks,
     _count,
-    _forward_chunk_torch,
     _fused_logprobs,
+    _gradient_buffers,
     _Options,
+    _score_chunk,
     _take,
     _validate_linear,
     compute_dtype,
 )
-from .token_logprobs import IGNORE_INDEX, logprobs_forward, row_layout
+from .token_logprobs import IGNORE_INDEX
 
 REDUCTIONS = ("mean", "sum")
 
@@ -69,10 +70,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # grad_mode: whether grad mode was on at the call (inside forward it is always off)
         need_h, need_w, need_b = (grad_mode and need for need in ctx.needs_input_grad[:3])
         with_grads = need_h or need_w or need_b
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        grads = (grad_h, grad_w, grad_b)
+        grads = _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b)
         rows = _active_rows(labels != opts.ignore_index)
         n_rows = _count(rows)
         logp_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -85,13 +83,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 for _, index in _chunk_indices(rows, 0, n_rows, chunks.size):
                     h = _take(hidden, index)
                     z, lab = chunks.logits(h), labels[index]
-                    if opts.use_triton:  # leaves z intact
-                        logp_c, lse_c = logprobs_forward(
-                            z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
-                        )
-                        row_sum = None
-                    else:  # leaves e = exp(z / T - m) in z, and the row sums s of e
-                        logp_c, lse_c, row_sum = _forward_chunk_torch(z, lab, opts.temperature)
+                    logp_c, lse_c, row_sum = _score_chunk(opts, z, lab)
                     logp_sum += logp_c.sum()
                     if with_grads:
                         g = torch.full_like(logp_c, g_row)

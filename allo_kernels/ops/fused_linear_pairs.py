@@ -43,13 +43,13 @@ from .fused_linear import (
     _chunk_gradients,
     _Chunks,
     _compact_rows,
-    _forward_chunk_torch,
+    _gradient_buffers,
     _Options,
     _scatter_rows,
+    _score_chunk,
     auto_chunk_size,
 )
 from .fused_linear_ce import hand_over_gradients
-from .token_logprobs import logprobs_forward, row_layout
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,7 @@ class FusedLinearPairLossFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, opts: _Options, loss: PairLoss, grad_mode: bool):  # type: ignore[override]
         # grad_mode: whether grad mode was on at the call (inside forward it is always off)
         need_h, need_w, need_b = (grad_mode and need for need in ctx.needs_input_grad[:3])
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        grads = (grad_h, grad_w, grad_b)
+        grads = _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b)
         plan = loss.plan
         logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         B, T = plan.n_pairs, plan.seq_len
@@ -143,13 +140,7 @@ class FusedLinearPairLossFunction(torch.autograd.Function):
                         continue
                     h, lab = hidden.index_select(0, index), labels[index]
                     z = chunks.logits(h)
-                    row_sum = None
-                    if opts.use_triton:  # leaves z intact
-                        logp_c, lse_c = logprobs_forward(
-                            z, row_layout(z), lab, ignore_index=opts.ignore_index, temperature=opts.temperature
-                        )
-                    else:  # leaves e = exp(z / T - m) in z, and the row sums s of e
-                        logp_c, lse_c, row_sum = _forward_chunk_torch(z, lab, opts.temperature)
+                    logp_c, lse_c, row_sum = _score_chunk(opts, z, lab)
                     _scatter_rows(logp, index, logp_c)
                     # d L / d logp of the group's tokens: the group's mean loss weighted by its share of the pairs.
                     seqs = torch.cat((torch.arange(b0, b1), torch.arange(B + b0, B + b1))).to(hidden.device)
