@@ -196,3 +196,23 @@ def test_a_second_backward_through_the_graph_is_an_error(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match=r"preference_loss.*already handed"):
         loss.backward()
+
+
+@pytest.mark.filterwarnings("error")  # a GEMM whose out= rows are too few resizes them with a warning
+def test_the_buffer_holds_the_planned_group_when_free_memory_shrinks(backend, monkeypatch):
+    """On CUDA the chunk budget follows free memory, which the gradient buffers take some of after the plan is made:
+    the buffer must still hold the largest planned group."""
+    from allo_kernels.ops import fused_linear as fl
+
+    backend("torch")
+    hidden, weight, bias, labels, ref, _ = batch()
+    budgets = iter([1 << 20])  # the plan's call; every later one: room for a single row
+    monkeypatch.setattr(fl, "chunk_budget_bytes", lambda device: next(budgets, 70 * 4))
+    seen = count_gemm_rows(monkeypatch)
+    loss, _, grads = run(hidden, weight, bias, labels, ref_logprobs=ref)
+    assert seen["logits"] == [int((labels != -100).sum())]  # one group: every pair in one chunk
+    monkeypatch.undo()
+    loss0, _, grads0 = run(hidden, weight, bias, labels, token_path=True, ref_logprobs=ref)
+    close_fp32(loss, loss0)
+    for got, want in zip(grads, grads0):
+        close_fp32(got, want)

@@ -34,6 +34,7 @@ Partitioned weights (ZeRO-3): as ``fused_linear_ce``. One backward per call (a s
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,7 +133,10 @@ class FusedLinearPairLossFunction(torch.autograd.Function):
         B, T = plan.n_pairs, plan.seq_len
         if plan.max_rows:
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                chunks = _Chunks(opts, weight.shape[0], hidden.shape[1], plan.max_rows, hidden.device)
+                # The buffer holds the largest group: its size is the plan's, not the free memory's now (on CUDA
+                # the gradient buffers above have taken some since the plan was made).
+                sized = dataclasses.replace(opts, chunk_size=plan.max_rows)
+                chunks = _Chunks(sized, weight.shape[0], hidden.shape[1], plan.max_rows, hidden.device)
                 chunks.bind(weight, bias)
                 for b0, b1 in plan.groups:
                     index = plan.group_rows(b0, b1)
