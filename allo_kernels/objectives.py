@@ -93,7 +93,7 @@ def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: 
     """preference_loss from hidden states: where ``fused_linear_pairs`` applies, its gradients are made in the forward,
     a group of whole pairs at a time (no recompute); otherwise ONE token-op call over all rows of the batch (one chunk
     loop, one retained block, one cast of the lm_head), its log-probs split into the two halves afterwards."""
-    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+    hidden, weight, labels, bias, temperature, gather, vocab = _validate_linear(
         policy,
         lm_head_weight,
         labels,
@@ -116,7 +116,7 @@ def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: 
     coupled = common["mask_scope"] == "batch" and any(fraction > 0 for *_, fraction in checked)
     plan = None
     if torch.is_grad_enabled() and needs_grad and not coupled and opts.compute_dtype != torch.float16:
-        plan = pair_plan(labels, opts, gather.full_shape(weight)[0], hidden.shape[-1])
+        plan = pair_plan(labels, opts, vocab, hidden.shape[-1])
     if plan is None:
         logprobs = fused_linear_token_logprobs(
             hidden, weight, labels, bias=bias, ignore_index=common["ignore_index"], temperature=temperature, **fused

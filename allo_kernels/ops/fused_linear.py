@@ -540,7 +540,7 @@ def _validate_linear(hidden, weight, labels, bias, chunk_size, retain, ignore_in
     # Reuse the log-prob checks (labels shape/range, temperature) on a zero-stride stand-in for the logits.
     standin = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
     _, labels, temperature = validate_logits_labels(standin, labels, ignore_index=ignore_index, temperature=temperature)
-    return hidden, weight, labels, bias, temperature, gather
+    return hidden, weight, labels, bias, temperature, gather, vocab
 
 
 def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather, retain):
@@ -594,7 +594,7 @@ def fused_linear_token_logprobs(
     Under ``torch.autocast`` the logits are computed in the autocast dtype, as an ``nn.Linear`` lm_head would compute
     them (hidden and weight may then differ in dtype), and recomputed in it in the backward wherever that runs.
     """
-    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+    hidden, weight, labels, bias, temperature, gather, _ = _validate_linear(
         hidden, weight, labels, bias, chunk_size, retain_logits_bytes, ignore_index, temperature, gather
     )
     return _fused_logprobs(
@@ -622,7 +622,7 @@ def fused_linear_token_scores(
 ) -> TokenScores:
     """The fused-linear twin of ``token_scores``: same options, same ``TokenScores``, from hidden [B, T, H]
     (``chunk_size``, ``retain_logits_bytes`` and ``gather`` as in ``fused_linear_token_logprobs``)."""
-    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+    hidden, weight, labels, bias, temperature, gather, _ = _validate_linear(
         hidden, weight, labels, bias, chunk_size, retain_logits_bytes, ignore_index, temperature, gather
     )
     if hidden.dim() != 3:

@@ -159,7 +159,7 @@ def fused_linear_cross_entropy(
         for "mean"; differentiable w.r.t. hidden, weight and bias (one backward per call, see the module docstring).
         Its gradients are computed in the forward when grad mode is on and an input requires a gradient.
     """
-    hidden, weight, labels, bias, temperature, gather = _validate_linear(
+    hidden, weight, labels, bias, temperature, gather, _ = _validate_linear(
         hidden, weight, labels, bias, chunk_size, None, ignore_index, temperature, gather
     )
     reduction = check_choice("reduction", reduction, REDUCTIONS)
