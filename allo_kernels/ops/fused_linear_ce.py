@@ -93,16 +93,21 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         loss = -logp_sum
         if reduction == "mean":
             loss = loss / max(n_rows, 1)
-        ctx.grads = grads if with_grads else None
-        ctx.op_name = "fused_linear_cross_entropy"
-        # weight/bias are kept as objects (not saved tensors): a partitioned weight is gathered again in the backward.
-        ctx.weight, ctx.bias, ctx.gather = weight, bias, opts.gather
+        keep_for_backward(ctx, grads, weight, bias, opts.gather, "fused_linear_cross_entropy")
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
         grad_h, grad_w, grad_b = hand_over_gradients(ctx, grad_loss)
         return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def keep_for_backward(ctx, grads, weight, bias, gather: ParamGather, op_name: str) -> None:
+    """What ``hand_over_gradients`` needs of a forward that made the gradients ``grads`` (all None: none wanted)."""
+    ctx.grads = grads if any(g is not None for g in grads) else None
+    ctx.op_name = op_name
+    # weight/bias are kept as objects (not saved tensors): a partitioned weight is gathered again in the backward.
+    ctx.weight, ctx.bias, ctx.gather = weight, bias, gather
 
 
 def hand_over_gradients(ctx, grad_loss: torch.Tensor):

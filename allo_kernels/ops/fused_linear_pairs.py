@@ -50,7 +50,7 @@ from .fused_linear import (
     _score_chunk,
     auto_chunk_size,
 )
-from .fused_linear_ce import hand_over_gradients
+from .fused_linear_ce import hand_over_gradients, keep_for_backward
 
 
 @dataclass(frozen=True)
@@ -168,10 +168,8 @@ class FusedLinearPairLossFunction(torch.autograd.Function):
                 del chunks
         value, metrics = loss.batch(logp.view(-1, T))
         loss.metrics.update(metrics)
-        ctx.grads = grads if (need_h or need_w or need_b) else None
-        ctx.op_name = "preference_loss (fused-linear, gradients made in the forward)"
-        # weight/bias are kept as objects (not saved tensors): a partitioned weight is gathered again in the backward.
-        ctx.weight, ctx.bias, ctx.gather = weight, bias, opts.gather
+        op_name = "preference_loss (fused-linear, gradients made in the forward)"
+        keep_for_backward(ctx, grads, weight, bias, opts.gather, op_name)
         return value
 
     @staticmethod
