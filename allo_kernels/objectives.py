@@ -21,32 +21,13 @@ from . import losses
 from ._backend import select_backend
 from ._validate import check_choice, check_tensor, describe
 from .integrations.gather import ParamGather
-from .ops.fused_linear import (
-    _Options,
-    _validate_linear,
-    compute_dtype,
-    fused_linear_token_logprobs,
-    fused_linear_token_scores,
-)
+from .ops.fused_linear import _fused_logprobs, _Options, _validate_linear, compute_dtype
 from .ops.fused_linear_pairs import PairLoss, fused_linear_pair_loss, pair_plan
-from .ops.token_logprobs import IGNORE_INDEX, validate_logits_labels
+from .ops.token_logprobs import IGNORE_INDEX, token_logprobs
 from .ops.token_scores import TokenScores, scores_from_logprobs, token_scores, validate_score_options
 
 PREFERENCE_LOSS_TYPES = (*losses.DPO_LOSS_TYPES, "simpo")
 MASK_SIDES = ("rejected", "chosen", "both", "none")
-
-
-def _fused_options(chunk_size, retain_logits_bytes, gather) -> dict:
-    """The fused-linear options (used only with ``lm_head_weight``)."""
-    return dict(chunk_size=chunk_size, retain_logits_bytes=retain_logits_bytes, gather=gather)
-
-
-def _scores(policy, labels, lm_head_weight, lm_head_bias, fused: dict, **kw) -> TokenScores:
-    if lm_head_weight is None:
-        if lm_head_bias is not None:
-            raise ValueError("lm_head_bias was given without lm_head_weight")
-        return token_scores(policy, labels, **kw)
-    return fused_linear_token_scores(policy, lm_head_weight, labels, bias=lm_head_bias, **fused, **kw)
 
 
 def _side_options(labels: torch.Tensor, sides, common: dict) -> list[tuple[torch.Tensor, torch.Tensor, float, float]]:
@@ -89,7 +70,9 @@ def _pair_scores(logprobs, labels, checked, common: dict, use_triton: bool, pair
     ]
 
 
-def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: dict, sides, loss_of, **common):
+def _fused_preference_loss(
+    policy, labels, lm_head_weight, lm_head_bias, sides, loss_of, *, chunk_size, retain_logits_bytes, gather, **common
+):
     """preference_loss from hidden states: where ``fused_linear_pairs`` applies, its gradients are made in the forward,
     a group of whole pairs at a time (no recompute); otherwise ONE token-op call over all rows of the batch (one chunk
     loop, one retained block, one cast of the lm_head), its log-probs split into the two halves afterwards."""
@@ -98,11 +81,11 @@ def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: 
         lm_head_weight,
         labels,
         lm_head_bias,
-        fused["chunk_size"],
-        fused["retain_logits_bytes"],
+        chunk_size,
+        retain_logits_bytes,
         common["ignore_index"],
         common["temperature"],
-        fused["gather"],
+        gather,
     )
     checked = _side_options(labels, sides, common)
     use_triton = select_backend(hidden.device) == "triton"
@@ -110,7 +93,7 @@ def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: 
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     dtype = compute_dtype(h2, weight)
-    opts = _Options(common["ignore_index"], temperature, fused["chunk_size"], use_triton, dtype, 0, gather)
+    opts = _Options(common["ignore_index"], temperature, chunk_size, use_triton, dtype, 0, gather)
     needs_grad = h2.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     # The batch-wide percentile mask couples every pair; fp16 needs the loss scale in dZ (see fused_linear_pairs).
     coupled = common["mask_scope"] == "batch" and any(fraction > 0 for *_, fraction in checked)
@@ -118,9 +101,17 @@ def _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused: 
     if torch.is_grad_enabled() and needs_grad and not coupled and opts.compute_dtype != torch.float16:
         plan = pair_plan(labels, opts, vocab, hidden.shape[-1])
     if plan is None:
-        logprobs = fused_linear_token_logprobs(
-            hidden, weight, labels, bias=bias, ignore_index=common["ignore_index"], temperature=temperature, **fused
-        )
+        logprobs = _fused_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias,
+            common["ignore_index"],
+            temperature,
+            chunk_size,
+            gather,
+            retain_logits_bytes,
+        )[0]
         return loss_of(*_pair_scores(logprobs, labels, checked, common, use_triton))
 
     def group_loss(logprobs: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
@@ -186,24 +177,6 @@ def _pair_loss(
     metrics.setdefault("tokens/chosen", c.n_tokens.mean().detach())
     metrics.setdefault("tokens/rejected", r.n_tokens.mean().detach())
     return loss, metrics
-
-
-def _weight_zero_as_ignored(
-    policy, labels, weights, lm_head_weight, lm_head_bias, fused: dict, *, ignore_index, temperature
-) -> torch.Tensor:
-    """``labels`` with ``ignore_index`` where ``weights`` is 0, for a loss to which those tokens add exactly 0.
-
-    The labels and weights are checked as given first (the scorer's own checks and messages), so a bad label is
-    refused even where its weight is 0."""
-    if lm_head_weight is None:
-        _, labels, _ = validate_logits_labels(policy, labels, ignore_index=ignore_index, temperature=temperature)
-    else:
-        opts = (fused["chunk_size"], fused["retain_logits_bytes"], ignore_index, temperature, fused["gather"])
-        labels = _validate_linear(policy, lm_head_weight, labels, lm_head_bias, *opts)[2]
-    _, w, _, _ = validate_score_options(
-        labels, None, weights, beta=1.0, mask_fraction=0.0, mask_by="highest", mask_scope="sequence"
-    )
-    return labels.masked_fill(w == 0, ignore_index)
 
 
 def _halves(name: str, t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -283,10 +256,12 @@ def preference_loss(
         _pair_loss, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma
     )
     if lm_head_weight is not None:
-        fused = _fused_options(chunk_size, retain_logits_bytes, gather)
-        return _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, fused, sides, loss_of, **common)
+        fused = dict(chunk_size=chunk_size, retain_logits_bytes=retain_logits_bytes, gather=gather)
+        return _fused_preference_loss(policy, labels, lm_head_weight, lm_head_bias, sides, loss_of, **fused, **common)
+    if lm_head_bias is not None:
+        raise ValueError("lm_head_bias was given without lm_head_weight")
     c, r = (
-        _scores(p, lab, None, lm_head_bias, {}, **side, **common)
+        token_scores(p, lab, **side, **common)
         for p, lab, side in zip((policy_c, policy_r), (labels_c, labels_r), sides)
     )
     return loss_of(c, r)
@@ -313,25 +288,35 @@ def forgetting_loss(
     ignored positions (label == ignore_index) get weight 0 whatever ``weights`` says. ``chunk_size``,
     ``retain_logits_bytes`` and ``gather`` as in :func:`preference_loss`.
 
-    A token of weight 0 is scored as an ignored position: it adds exactly 0 to the loss, its gradient and every
-    metric, so its row gets no logits GEMM and no vocabulary pass, in the forward as in the backward (ALLO weights
-    only the unaligned tokens: most of a forgetting batch costs nothing).
+    With ``lm_head_weight``, a token of weight 0 is scored as an ignored position: it adds exactly 0 to the loss, its
+    gradient and every metric, so its row gets no logits GEMM and no vocabulary pass, in the forward as in the backward
+    (ALLO weights only the unaligned tokens: most of a forgetting batch costs nothing).
     """
-    fused = _fused_options(chunk_size, retain_logits_bytes, gather)
-    scored_labels = _weight_zero_as_ignored(
-        policy, labels, weights, lm_head_weight, lm_head_bias, fused, ignore_index=ignore_index, temperature=temperature
+    if lm_head_weight is None:
+        if lm_head_bias is not None:
+            raise ValueError("lm_head_bias was given without lm_head_weight")
+        logprobs = token_logprobs(policy, labels, ignore_index=ignore_index, temperature=temperature)  # checks labels
+        labels = labels.to(torch.int64)  # compared exactly below (a narrow dtype would wrap ignore_index)
+    else:
+        hidden, weight, labels, bias, temperature, gather, _ = _validate_linear(
+            policy,
+            lm_head_weight,
+            labels,
+            lm_head_bias,
+            chunk_size,
+            retain_logits_bytes,
+            ignore_index,
+            temperature,
+            gather,
+        )
+    ref, w, beta, _ = validate_score_options(
+        labels, ref_logprobs, weights, beta=beta, mask_fraction=0.0, mask_by="highest", mask_scope="sequence"
     )
-    s = _scores(
-        policy,
-        scored_labels,
-        lm_head_weight,
-        lm_head_bias,
-        fused,
-        ref_logprobs=ref_logprobs,
-        weights=weights,
-        beta=beta,
-        ignore_index=ignore_index,
-        temperature=temperature,
-    )
-    ref = ref_logprobs.to(torch.float32)
-    return losses.token_npo_loss(s.logprobs, torch.where(s.keep, ref, torch.zeros_like(ref)), s.weights, beta=beta)
+    if lm_head_weight is not None:
+        labels = labels.masked_fill(w == 0, ignore_index)  # checked as given above: a bad label is refused anywhere
+        logprobs = _fused_logprobs(
+            hidden, weight, labels, bias, ignore_index, temperature, chunk_size, gather, retain_logits_bytes
+        )[0]
+    kept = labels != ignore_index
+    zero = torch.zeros((), dtype=torch.float32, device=labels.device)
+    return losses.token_npo_loss(logprobs, torch.where(kept, ref, zero), torch.where(kept, w, zero), beta=beta)

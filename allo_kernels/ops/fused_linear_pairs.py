@@ -147,7 +147,8 @@ class FusedLinearPairLossFunction(torch.autograd.Function):
                     logp_c, lse_c, row_sum = _score_chunk(opts, z, lab)
                     _scatter_rows(logp, index, logp_c)
                     # d L / d logp of the group's tokens: the group's mean loss weighted by its share of the pairs.
-                    seqs = torch.cat((torch.arange(b0, b1), torch.arange(B + b0, B + b1))).to(hidden.device)
+                    seqs = torch.arange(b0, B + b1, device=hidden.device)
+                    seqs = torch.cat((seqs[: b1 - b0], seqs[B:]))  # chosen b0..b1-1, rejected B+b0..B+b1-1
                     with torch.enable_grad():
                         group_logp = logp.view(-1, T).index_select(0, seqs).requires_grad_()
                         group_loss = loss.group(group_logp, b0, b1) * ((b1 - b0) / B)
