@@ -45,17 +45,17 @@ table instead: every contender of a case alive in one process and timed round-ro
 round), with paired ratios (contender time / allo time within a round; median and range), and the peak memory of each
 contender in a subprocess of its own (CPU: peak RSS during one call after a warm-up call, ``VmHWM`` reset through
 ``/proc/self/clear_refs``, minus the RSS just before it; CUDA: ``max_memory_allocated``). Cases (``CASES`` below): SFT
-cross-entropy N=8192, H=1024, V=32000 in fp32 and bf16 against eager and CCE (and allo with ``retain_logits_bytes=0``,
-every row's logits recomputed in the backward), and in bf16 at N=16 too, small enough for eager and CCE to finish
-on CPUs without native bf16 GEMMs (there torch's emulated bf16 dH GEMM alone takes ~1 s per row at H=1024,
-V=32000); sigmoid DPO B=4 pairs, T=512 with every row valid, with 40% prompt rows, with 90%
-of each rejected response's tokens dropped (ALLO's improving-stage mask), lm_head trainable and frozen, against
-Liger's compiled chunked DPO and the eager TRL path; token-weighted NPO (ALLO's forgetting stage) with all and with
-20% of the weights nonzero; ``dpo_fp32_drop90`` is the 90%-dropped DPO ratio alone, ``ce_fp32_vs_eager`` allo's two
-CE entry points against eager alone. ``--save`` and ``--json``
-merge into an existing report: cases not run keep their entries, each with the metadata of its own run. A
-contender ``allo_retain<MiB>`` (e.g. ``--impls allo allo_retain0 allo_retain512``) is allo
-with ``retain_logits_bytes`` set to that many MiB.
+cross-entropy N=8192, H=1024, V=32000 in fp32 and bf16 against eager and CCE (and in fp32 allo with
+``retain_logits_bytes=0``, every row's logits recomputed in the backward, and with 256 MiB, the CPU chunk budget), and
+in bf16 at N=16 too, small enough for eager and CCE to finish on CPUs without native bf16 GEMMs (there torch's
+emulated bf16 dH GEMM alone takes ~1 s per row at H=1024, V=32000); sigmoid DPO B=4 pairs, T=512 with every row valid,
+with 40% prompt rows, with 90% of each rejected response's tokens dropped (ALLO's improving-stage mask), lm_head
+trainable and frozen, against Liger's compiled chunked DPO and the eager TRL path; token-weighted NPO (ALLO's
+forgetting stage) with all and with 20% of the weights nonzero; ``dpo_fp32_drop90`` is the 90%-dropped DPO ratio
+alone, ``ce_fp32_vs_eager`` allo's two CE entry points against eager alone. ``--save`` and ``--json`` merge into an
+existing report: cases not run keep their entries, each with the metadata of its own run. A contender
+``allo_retain<MiB>`` (e.g. ``--impls allo allo_retain0 allo_retain512``) is allo with ``retain_logits_bytes`` set to
+that many MiB.
 """
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ CASES: dict[str, tuple[str, dict[str, int], torch.dtype, tuple[str, ...]]] = {
         "ce",
         {"N": 8192, "H": 1024, "V": 32000},
         torch.float32,
-        ("allo", "allo_fused_ce", "allo_retain0", "eager", "cce"),
+        ("allo", "allo_fused_ce", "allo_retain0", "allo_retain256", "eager", "cce"),
     ),
     # allo's two CE entry points against eager alone (three contenders: shorter rounds, less drift between them)
     "ce_fp32_vs_eager": (

@@ -510,6 +510,15 @@ def test_retained_rows_are_not_recomputed(backend_name, backend, monkeypatch):
     assert buffers[2:] == [4]
 
 
+def test_default_retention_budget_per_device(monkeypatch):
+    """CPU: MAX_RETAIN_BYTES_CPU, above the CPU chunk budget; CUDA: the chunk budget, min(1 GiB, free / 8)."""
+    assert fl.retain_budget_bytes(torch.device("cpu")) == fl.MAX_RETAIN_BYTES_CPU == 768 << 20
+    assert fl.chunk_budget_bytes(torch.device("cpu")) < fl.MAX_RETAIN_BYTES_CPU
+    for free, want in ((80 << 30, 1 << 30), (2 << 30, 256 << 20)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 << 30))
+        assert fl.retain_budget_bytes(torch.device("cuda")) == want
+
+
 def test_compact_rows_in_place_across_blocks(monkeypatch):
     monkeypatch.setattr(fl, "_COMPACT_BLOCK_ROWS", 2)
     x = torch.arange(40.0).reshape(10, 4)
@@ -521,14 +530,15 @@ def test_compact_rows_in_place_across_blocks(monkeypatch):
 
 @pytest.mark.parametrize(
     ("retained", "gemm_rows", "buffer_rows"),
-    [(0, [7, 3, 7, 3], 7), (3, [7, 3, 7], 7), (8, [2, 7, 1, 2], 8), (None, [3, 7, 3], 7)],
+    [(0, [7, 3, 7, 3], 7), (3, [7, 3, 7], 7), (8, [2, 7, 1, 2], 8), (None, [1, 7, 2, 1], 9)],
 )
 def test_retention_budget_plans_the_chunks(retained, gemm_rows, buffer_rows, backend, monkeypatch):
     """Auto chunks of 7 rows (the chunk budget), the retained rows on top; the buffer is max(retained, chunk) rows.
-    The default (None) retains the chunk budget: one chunk's rows, in the buffer that chunk takes anyway."""
+    The default (None) retains the CPU retention budget, here 9 rows: only the last valid row is recomputed."""
     backend("torch")
     hidden, weight, bias, labels = make(torch.float32, lead=(13,))  # 10 valid rows, V=150
     monkeypatch.setattr(fl, "MAX_CHUNK_BYTES_CPU", 7 * 150 * 4)
+    monkeypatch.setattr(fl, "MAX_RETAIN_BYTES_CPU", 9 * 150 * 4)
     seen = count_gemm_rows(monkeypatch)
     buffers = []
     init = fl._Chunks.__init__

@@ -33,12 +33,12 @@ chunks of whole pairs). Each recomputed row costs one extra [1, H] x [H, V] GEMM
 unfused when W is trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable
 unchanged on top, with per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows
 win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the backward)
-against time (K fewer recomputed rows). Default: the chunk budget (256 MiB on CPU, min(1 GiB, free / 8) on CUDA),
-i.e. as many rows as the automatic chunk buffer holds anyway: by default retention saves time and adds no memory. 0
-recomputes every row; a larger budget recomputes fewer rows for more memory.
-(On our CPU, at CE N=8192, H=1024, V=32000, fp32: retaining 768 MiB instead took 0.92x the default's time at 2.2x
-its peak, and put a DPO batch of 4 pairs x 512 tokens above Liger's chunked DPO in memory; README, "Fused-linear
-losses on CPU".)
+against time (K fewer recomputed rows). Default (``retain_budget_bytes``): on CUDA the chunk budget (min(1 GiB,
+free / 8)), i.e. as many rows as the automatic chunk buffer holds anyway, so retention saves time and adds no memory
+where memory is scarcest; on CPU 768 MiB, three times the CPU chunk budget. 0 recomputes every row; a larger budget
+recomputes fewer rows for more memory. (On our CPU, at CE N=8192, H=1024, V=32000, fp32: retaining 256 MiB, the CPU
+chunk budget, took 1.20x eager's time at 433 MiB peak, 768 MiB 1.07x at 945 MiB; eager 3015 MiB, Cut
+Cross-Entropy 1157 MiB; README, "Fused-linear losses on CPU".)
 
 Two paths run the per-chunk vocabulary work:
 
@@ -59,9 +59,9 @@ K = min(valid rows, retain_logits_bytes // bytes per row), C from ``auto_chunk_s
 free / 8) on CUDA) + the [N, H] hidden gradient + the fp32 [V, H] weight-gradient accumulator when W is trained (it
 is the returned gradient itself for fp32 weights; on CUDA half inputs add one fp32 [V, H] product per chunk, reused
 by the caching allocator) + for half inputs the [C, V] half buffer, and on CPUs without native half GEMMs an fp32
-copy of W. E.g. N=8192, H=1024, V=32000, fp32 on CPU with the defaults: 256 MiB of buffer (2048 rows, retained;
-the other 6144 recomputed in three chunks) + 32 MiB + 125 MiB. The buffer lives from the forward to the end of the
-backward.
+copy of W. E.g. N=8192, H=1024, V=32000, fp32 on CPU with the defaults: 768 MiB of buffer (6291 rows retained;
+the other 1901 computed and recomputed in one chunk of its first rows: chunks are 2048 rows) + 32 MiB + 125 MiB. The
+buffer lives from the forward to the end of the backward.
 
 Under ``torch.autocast`` the logits are computed in the autocast dtype (what ``nn.Linear`` would give), in the
 forward and again in the backward, wherever the backward runs.
@@ -89,6 +89,10 @@ from .token_scores import TokenScores, scores_from_logprobs, validate_score_opti
 # Budget for the chunk buffers when chunk_size is None.
 MAX_CHUNK_BYTES_CUDA = 1 << 30
 MAX_CHUNK_BYTES_CPU = 256 << 20
+# Default budget of the logits retained for the backward on CPU (retain_logits_bytes=None). Above the CPU chunk
+# budget: a CPU's memory is rarely the limit a GPU's is, and each retained row saves a GEMM row of recompute (CE at
+# N=8192, H=1024, V=32000 fp32: 1.07x eager's time at 945 MiB peak, against 1.20x at 433 MiB with 256 MiB; README).
+MAX_RETAIN_BYTES_CPU = 768 << 20
 
 
 def chunk_budget_bytes(device: torch.device) -> int:
@@ -97,6 +101,14 @@ def chunk_budget_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return min(MAX_CHUNK_BYTES_CUDA, free // 8)
     return MAX_CHUNK_BYTES_CPU
+
+
+def retain_budget_bytes(device: torch.device) -> int:
+    """The default ``retain_logits_bytes``: on CUDA the chunk budget (what the automatic chunk buffer holds anyway:
+    retention adds no memory there); on CPU 768 MiB (``MAX_RETAIN_BYTES_CPU``)."""
+    if device.type == "cuda":
+        return chunk_budget_bytes(device)
+    return MAX_RETAIN_BYTES_CPU
 
 
 def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
@@ -553,7 +565,7 @@ def _fused_logprobs(hidden, weight, labels, bias, ignore_index, temperature, chu
     if not (torch.is_grad_enabled() and needs_grad):
         retain = 0  # no backward follows
     elif retain is None:
-        retain = chunk_budget_bytes(h2.device)  # what the automatic chunk buffer holds anyway (module docstring)
+        retain = retain_budget_bytes(h2.device)
     opts = _Options(ignore_index, temperature, chunk_size, use_triton, compute_dtype(h2, weight), retain, gather)
     # Gather partitioned parameters *before* apply, so autograd records the full parameter shapes.
     with gather.gathered(weight, bias):
@@ -582,9 +594,9 @@ def fused_linear_token_logprobs(
         bias: optional [V].
         chunk_size: rows per chunk (None: chosen from V, H and free memory; see ``auto_chunk_size``).
         retain_logits_bytes: the most bytes of logits kept from the forward for the backward, which then does not
-            recompute those rows (None: the chunk budget, the size of the automatic chunk buffer, so that by default
-            retention adds no memory; 0: recompute every row). It counts fp32 rows on the torch path, rows in the
-            compute dtype on the Triton path.
+            recompute those rows (None: ``retain_budget_bytes``: on CUDA the chunk budget, the size of the automatic
+            chunk buffer, so that retention adds no memory there; on CPU 768 MiB; 0: recompute every row). It counts
+            fp32 rows on the torch path, rows in the compute dtype on the Triton path.
         gather: the gather context of partitioned parameters (None: ``integrations.DEFAULT_GATHER``, which gathers
             DeepSpeed ZeRO-3 partitions and uses any other tensor as it is).
 
