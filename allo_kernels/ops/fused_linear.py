@@ -36,9 +36,9 @@ win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits he
 against time (K fewer recomputed rows). Default (``retain_budget_bytes``): on CUDA the chunk budget (min(1 GiB,
 free / 8)), i.e. as many rows as the automatic chunk buffer holds anyway, so retention saves time and adds no memory
 where memory is scarcest; on CPU 768 MiB, three times the CPU chunk budget. 0 recomputes every row; a larger budget
-recomputes fewer rows for more memory. (On our CPU, at CE N=8192, H=1024, V=32000, fp32: retaining 256 MiB, the CPU
-chunk budget, took 1.20x eager's time at 433 MiB peak, 768 MiB 1.07x at 945 MiB; eager 3015 MiB, Cut
-Cross-Entropy 1157 MiB; README, "Fused-linear losses on CPU".)
+recomputes fewer rows for more memory. (On our CPU, at CE N=8192, H=1024, V=32000, fp32, medians of runs: retaining
+256 MiB, the CPU chunk budget, took 1.14-1.32x eager's time at 433 MiB peak, 768 MiB 1.06-1.09x at 945 MiB; eager
+3015 MiB, Cut Cross-Entropy 1157 MiB; README, "Fused-linear losses on CPU".)
 
 Two paths run the per-chunk vocabulary work:
 
@@ -91,7 +91,8 @@ MAX_CHUNK_BYTES_CUDA = 1 << 30
 MAX_CHUNK_BYTES_CPU = 256 << 20
 # Default budget of the logits retained for the backward on CPU (retain_logits_bytes=None). Above the CPU chunk
 # budget: a CPU's memory is rarely the limit a GPU's is, and each retained row saves a GEMM row of recompute (CE at
-# N=8192, H=1024, V=32000 fp32: 1.07x eager's time at 945 MiB peak, against 1.20x at 433 MiB with 256 MiB; README).
+# N=8192, H=1024, V=32000 fp32: 1.06-1.09x eager's time at 945 MiB peak, against 1.14-1.32x at 433 MiB with 256 MiB;
+# README, "Fused-linear losses on CPU").
 MAX_RETAIN_BYTES_CPU = 768 << 20
 
 
