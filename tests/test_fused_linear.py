@@ -510,13 +510,52 @@ def test_retained_rows_are_not_recomputed(backend_name, backend, monkeypatch):
     assert buffers[2:] == [4]
 
 
-def test_default_retention_budget_per_device(monkeypatch):
-    """CPU: MAX_RETAIN_BYTES_CPU, above the CPU chunk budget; CUDA: the chunk budget, min(1 GiB, free / 8)."""
-    assert fl.retain_budget_bytes(torch.device("cpu")) == fl.MAX_RETAIN_BYTES_CPU == 768 << 20
-    assert fl.chunk_budget_bytes(torch.device("cpu")) < fl.MAX_RETAIN_BYTES_CPU
+@pytest.mark.parametrize(
+    ("memory", "want"),
+    [(24 << 30, 768 << 20), (12 << 30, 768 << 20), (8 << 30, 512 << 20), (2 << 30, 256 << 20), (None, 256 << 20)],
+)
+def test_default_retention_budget_on_cpu(memory, want, monkeypatch):
+    """768 MiB (MAX_RETAIN_BYTES_CPU), or 1/16 of a smaller machine's memory, never below the 256 MiB chunk budget
+    (nor where the memory is unknown)."""
+    monkeypatch.setattr(fl, "cpu_memory_bytes", lambda: memory)
+    assert fl.retain_budget_bytes(torch.device("cpu")) == want
+    assert fl.MAX_RETAIN_BYTES_CPU == 768 << 20 and fl.chunk_budget_bytes(torch.device("cpu")) == 256 << 20
+
+
+def test_default_retention_budget_on_cuda(monkeypatch):
+    """The chunk budget, min(1 GiB, free / 8), whatever the host's memory."""
+    monkeypatch.setattr(fl, "cpu_memory_bytes", lambda: 1 << 40)
     for free, want in ((80 << 30, 1 << 30), (2 << 30, 256 << 20)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 << 30))
         assert fl.retain_budget_bytes(torch.device("cuda")) == want
+
+
+@pytest.mark.parametrize(
+    ("files", "want_gib"),
+    [
+        ({}, 16),  # no cgroup files: physical memory
+        ({"/sys/fs/cgroup/memory.max": "max\n"}, 16),  # cgroup v2 without a limit
+        ({"/sys/fs/cgroup/memory.max": f"{4 << 30}\n"}, 4),  # cgroup v2 limit
+        ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"}, 16),  # cgroup v1, unlimited
+        ({"/sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 << 30}\n"}, 2),  # cgroup v1 limit
+    ],
+)
+def test_cpu_memory_is_physical_or_the_cgroup_limit(files, want_gib, monkeypatch):
+    import io
+
+    def fake_open(path, *a, **k):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    pages = {"SC_PHYS_PAGES": 4 << 20, "SC_PAGE_SIZE": 4096}  # 16 GiB
+    monkeypatch.setattr(fl.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(fl, "open", fake_open, raising=False)
+    fl.cpu_memory_bytes.cache_clear()
+    try:
+        assert fl.cpu_memory_bytes() == want_gib << 30
+    finally:
+        fl.cpu_memory_bytes.cache_clear()
 
 
 def test_compact_rows_in_place_across_blocks(monkeypatch):

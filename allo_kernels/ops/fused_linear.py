@@ -23,22 +23,22 @@ with a zero gradient is dropped from its buffer rows before any GEMM). The rows 
 A frozen lm_head (``weight.requires_grad`` False, ALLO's default) has no dW GEMM and no accumulator. The retained
 rows are the first valid ones: in a ``[chosen; rejected]`` batch the chosen half, which ALLO's masks never drop.
 
-Why recompute at all instead of "gradient in forward" (what Liger's fused losses do): this op returns log-probs, and
-the gradient of a loss on top w.r.t. logp_t is known only once that loss is computed (DPO's sigmoid couples all
-tokens of a pair, the percentile mask a whole sequence), so computing dZ in the forward would have to fix the loss
-inside the op. Where the loss is known and splits into independent parts, ops that do fix it make the gradients in
-the forward: ``fused_linear_ce.fused_linear_cross_entropy`` (plain cross-entropy: every token's gradient is known up
-front) and ``fused_linear_pairs`` (the preference losses of ``objectives.preference_loss``: a mean over pairs, so
-chunks of whole pairs). Each recomputed row costs one extra [1, H] x [H, V] GEMM row (a third more matmul FLOPs than
-unfused when W is trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable
-unchanged on top, with per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows
-win it back. ``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the backward)
-against time (K fewer recomputed rows). Default (``retain_budget_bytes``): on CUDA the chunk budget (min(1 GiB,
-free / 8)), i.e. as many rows as the automatic chunk buffer holds anyway, so retention saves time and adds no memory
-where memory is scarcest; on CPU 768 MiB, three times the CPU chunk budget. 0 recomputes every row; a larger budget
-recomputes fewer rows for more memory. (On our CPU, at CE N=8192, H=1024, V=32000, fp32, medians of runs: retaining
-256 MiB, the CPU chunk budget, took 1.14-1.32x eager's time at 433 MiB peak, 768 MiB 1.06-1.09x at 945 MiB; eager
-3015 MiB, Cut Cross-Entropy 1157 MiB; README, "Fused-linear losses on CPU".)
+Why recompute at all instead of "gradient in forward" (what Liger's fused losses do): this op returns log-probs, and the
+gradient of a loss on top w.r.t. logp_t is known only once that loss is computed (DPO's sigmoid couples all tokens of a
+pair, the percentile mask a whole sequence), so computing dZ in the forward would have to fix the loss inside the op.
+Where the loss is known and splits into independent parts, ops that do fix it make the gradients in the forward:
+``fused_linear_ce.fused_linear_cross_entropy`` (plain cross-entropy: every token's gradient is known up front) and
+``fused_linear_pairs`` (the preference losses of ``objectives.preference_loss``: a mean over pairs, so chunks of whole
+pairs). Each recomputed row costs one extra [1, H] x [H, V] GEMM row (a third more matmul FLOPs than unfused when W is
+trained, half more when it is frozen) and keeps every loss in ``allo_kernels.losses`` usable unchanged on top, with
+per-token weights, masks and precomputed reference log-probs; retained rows and skipped rows win it back.
+``retain_logits_bytes`` sets the trade: memory (K rows of logits held from the forward to the backward) against time (K
+fewer recomputed rows). Default (``retain_budget_bytes``): on CUDA the chunk budget (min(1 GiB, free / 8)), i.e. as many
+rows as the automatic chunk buffer holds anyway, so retention saves time and adds no memory where memory is scarcest; on
+CPU 768 MiB, three times the CPU chunk budget (on machines with less than 12 GiB, 1/16 of their memory, at least the
+chunk budget). 0 recomputes every row; a larger budget recomputes fewer rows for more memory. (On our CPU, at CE N=8192,
+H=1024, V=32000, fp32, medians of runs: retaining 256 MiB, the CPU chunk budget, took 1.14-1.32x eager's time at 433 MiB
+peak, 768 MiB 1.06-1.09x at 945 MiB; eager 3015 MiB, Cut Cross-Entropy 1157 MiB; README, "Fused-linear losses on CPU".)
 
 Two paths run the per-chunk vocabulary work:
 
@@ -75,7 +75,9 @@ gradient is returned to autograd, where the framework's own hooks reduce-scatter
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +94,8 @@ MAX_CHUNK_BYTES_CPU = 256 << 20
 # Default budget of the logits retained for the backward on CPU (retain_logits_bytes=None). Above the CPU chunk
 # budget: a CPU's memory is rarely the limit a GPU's is, and each retained row saves a GEMM row of recompute (CE at
 # N=8192, H=1024, V=32000 fp32: 1.06-1.09x eager's time at 945 MiB peak, against 1.14-1.32x at 433 MiB with 256 MiB;
-# README, "Fused-linear losses on CPU").
+# README, "Fused-linear losses on CPU"). On a machine with less than 16x that memory: 1/16 of it, at least the chunk
+# budget (which retention fills without adding memory).
 MAX_RETAIN_BYTES_CPU = 768 << 20
 
 
@@ -106,10 +109,34 @@ def chunk_budget_bytes(device: torch.device) -> int:
 
 def retain_budget_bytes(device: torch.device) -> int:
     """The default ``retain_logits_bytes``: on CUDA the chunk budget (what the automatic chunk buffer holds anyway:
-    retention adds no memory there); on CPU 768 MiB (``MAX_RETAIN_BYTES_CPU``)."""
+    retention adds no memory there); on CPU 768 MiB (``MAX_RETAIN_BYTES_CPU``), or 1/16 of the machine's memory
+    where that is less, but never less than the CPU chunk budget (also what it is when the memory is unknown)."""
     if device.type == "cuda":
         return chunk_budget_bytes(device)
-    return MAX_RETAIN_BYTES_CPU
+    memory = cpu_memory_bytes()
+    if memory is None:
+        return MAX_CHUNK_BYTES_CPU
+    return min(MAX_RETAIN_BYTES_CPU, max(MAX_CHUNK_BYTES_CPU, memory // 16))
+
+
+@functools.cache
+def cpu_memory_bytes() -> int | None:
+    """The memory this process may use: physical memory, or the cgroup's limit (v2 or v1) where that is lower; None
+    where neither can be read. Total, not free, memory: the default retention (so the rounding of the gradients)
+    must not change from one run to the next on one machine."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    return memory
 
 
 def chunk_bytes_per_row(vocab_size: int, dtype: torch.dtype, *, torch_path: bool) -> int:
@@ -596,7 +623,8 @@ def fused_linear_token_logprobs(
         chunk_size: rows per chunk (None: chosen from V, H and free memory; see ``auto_chunk_size``).
         retain_logits_bytes: the most bytes of logits kept from the forward for the backward, which then does not
             recompute those rows (None: ``retain_budget_bytes``: on CUDA the chunk budget, the size of the automatic
-            chunk buffer, so that retention adds no memory there; on CPU 768 MiB; 0: recompute every row). It counts
+            chunk buffer, so that retention adds no memory there; on CPU 768 MiB, less on machines under 12 GiB;
+            0: recompute every row). It counts
             fp32 rows on the torch path, rows in the compute dtype on the Triton path.
         gather: the gather context of partitioned parameters (None: ``integrations.DEFAULT_GATHER``, which gathers
             DeepSpeed ZeRO-3 partitions and uses any other tensor as it is).
